@@ -1,0 +1,1 @@
+"""The block layer: the BlockDriver seam, host files and the raw driver."""

@@ -1,0 +1,80 @@
+"""The BlockDriver seam: what the server (and the commands) know of an image.
+
+Drivers are synchronous and thread-safe: the server calls small requests inline on
+its event loop and may call large ones from a worker thread.  Every method may raise
+the exceptions of :mod:`nbdqcow.errors`; the server maps them to NBD errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a driver can do; the server advertises exactly this."""
+
+    writable: bool = False
+    flush: bool = False
+    discard: bool = False
+    write_zeroes: bool = False
+    fast_zero: bool = False
+    block_status: bool = False
+    allocation_depth: bool = False
+    # True when pwrite(fua=True) makes the data stable by itself; else the server flushes.
+    native_fua: bool = False
+    cache: bool = False
+
+
+class Extent(NamedTuple):
+    """One run of a block-status answer, in the terms of ``qemu-img map``.
+
+    ``present``: allocated somewhere in the chain (this image or a backing file).
+    ``data``: reads from stored data (not known zero, not a hole).
+    ``zero``: reads as zeros.
+    ``depth``: chain layer that answered (0 = this image, 1 = first backing file...);
+    for runs not present anywhere, the depth of the bottom layer.
+    ``offset``: host offset in ``filename`` when the run maps to host bytes, else None.
+    """
+
+    start: int
+    length: int
+    present: bool
+    data: bool
+    zero: bool
+    depth: int
+    offset: int | None
+    filename: str | None = None
+
+    @property
+    def allocation_depth(self) -> int:
+        """qemu:allocation-depth: 0 unallocated, 1 this image, 2 first backing..."""
+        return self.depth + 1 if self.present else 0
+
+
+@runtime_checkable
+class BlockDriver(Protocol):
+    """Size and pread are required; the rest is announced by ``caps``."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def caps(self) -> Capabilities: ...
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None: ...
+
+    def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fast: bool = False
+    ) -> None: ...
+
+    def block_status(self, offset: int, length: int) -> list[Extent]: ...
+
+    def close(self) -> None: ...

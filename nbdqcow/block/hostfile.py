@@ -1,0 +1,152 @@
+"""The only code that touches image files: pread/pwrite/fsync/fallocate/punch-hole."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+class HostFile:
+    """One open host file.  Reads past the end of the file return zeros."""
+
+    def __init__(self, path: str, writable: bool, direct: bool = False) -> None:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        if direct:
+            flags |= getattr(os, "O_DIRECT", 0)
+        self.path = path
+        self.writable = writable
+        self.fd = os.open(path, flags)
+        self._size_lock = threading.Lock()
+
+    # --- reads and writes ------------------------------------------------------------
+    def pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # a short read only happens at end of file: the rest reads as zeros
+            rest = self._pread_rest(length - len(data), offset + len(data))
+            data = data + rest
+        return data
+
+    def _pread_rest(self, length: int, offset: int) -> bytes:
+        out = bytearray()
+        while length > 0:
+            chunk = os.pread(self.fd, length, offset)
+            if not chunk:
+                out += bytes(length)
+                break
+            out += chunk
+            length -= len(chunk)
+            offset += len(chunk)
+        return bytes(out)
+
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        n = os.preadv(self.fd, [buf], offset)
+        while n < len(buf):
+            got = os.preadv(self.fd, [buf[n:]], offset + n)
+            if got == 0:
+                buf[n:] = bytes(len(buf) - n)
+                return
+            n += got
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        mv = memoryview(data)
+        n = os.pwrite(self.fd, mv, offset)
+        while n < len(mv):
+            n += os.pwrite(self.fd, mv[n:], offset + n)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    # --- size and space --------------------------------------------------------------
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        if _fallocate(self.fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve host blocks (may extend the file)."""
+        if length > 0:
+            os.posix_fallocate(self.fd, offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a range (reads as zeros afterwards). False if unsupported."""
+        try:
+            self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            return True
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return False
+            raise
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make a range read as zeros, keeping it allocated."""
+        try:
+            self._fallocate(_FALLOC_FL_ZERO_RANGE, offset, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        self.write_zeros(offset, length)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 1 << 20))
+        while length > 0:
+            n = min(length, len(chunk))
+            self.pwrite(memoryview(chunk)[:n], offset)
+            offset += n
+            length -= n
+
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(start, length, is_data) runs from SEEK_DATA/SEEK_HOLE over [offset, offset+length)."""
+        end = offset + length
+        fsize = self.size()
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            if pos >= fsize:
+                runs.append((pos, end - pos, False))
+                break
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    runs.append((pos, end - pos, False))
+                    break
+                return [(offset, length, True)]
+            if data > pos:
+                runs.append((pos, min(data, end) - pos, False))
+                pos = min(data, end)
+                continue
+            hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            runs.append((pos, min(hole, end) - pos, True))
+            pos = min(hole, end)
+        return runs
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,93 @@
+"""Raw images (optionally starting at a byte offset inside the host file)."""
+
+from __future__ import annotations
+
+import threading
+
+from nbdqcow.block.driver import Capabilities, Extent
+from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.ranges import check_range
+from nbdqcow.errors import NotSupported, ReadOnlyImage
+
+
+class RawDriver:
+    """A raw image file.  ``size`` is fixed at open (file size minus ``offset``)."""
+
+    def __init__(
+        self, path: str, writable: bool = True, offset: int = 0, size: int | None = None
+    ) -> None:
+        self.file = HostFile(path, writable)
+        self.path = path
+        self.offset = offset
+        self._size = (self.file.size() - offset) if size is None else size
+        if self._size < 0:
+            self._size = 0
+        self._caps = Capabilities(
+            writable=writable,
+            flush=writable,
+            discard=writable,
+            write_zeroes=writable,
+            fast_zero=writable,
+            block_status=True,
+            allocation_depth=True,
+            cache=True,
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def caps(self) -> Capabilities:
+        return self._caps
+
+    def pread(self, offset: int, length: int) -> bytes:
+        check_range(self._size, offset, length)
+        return self.file.pread(length, self.offset + offset)
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if not self._caps.writable:
+            raise ReadOnlyImage("image is read-only")
+        check_range(self._size, offset, length, write=True)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
+        self._check_write(offset, len(data))
+        self.file.pwrite(data, self.offset + offset)
+        if fua:
+            self.file.sync()
+
+    def flush(self) -> None:
+        if self._caps.writable:
+            self.file.sync()
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_write(offset, length)
+        # A hole reads as zeros in a raw file; that is a valid (stronger) TRIM.
+        self.file.punch_hole(self.offset + offset, length)
+
+    def write_zeroes(
+        self, offset: int, length: int, may_unmap: bool = False, fast: bool = False
+    ) -> None:
+        self._check_write(offset, length)
+        if may_unmap and self.file.punch_hole(self.offset + offset, length):
+            return
+        try:
+            self.file.zero_range(self.offset + offset, length)
+        except OSError:
+            if fast:
+                raise NotSupported("cannot zero quickly") from None
+            raise
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        check_range(self._size, offset, length)
+        out = []
+        for start, n, is_data in self.file.data_runs(self.offset + offset, length):
+            out.append(
+                Extent(start - self.offset, n, is_data, is_data, not is_data, 0,
+                       start if is_data else None, self.path)
+            )
+        return out
+
+    def close(self) -> None:
+        self.file.close()
