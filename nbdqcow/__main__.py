@@ -1,0 +1,5 @@
+import sys
+
+from nbdqcow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""Command line: argument parsing -> build the driver stack -> run.  No logic of its own.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``; the module
+sets ``func`` on its parser.  ``nbdqcow-nbd`` takes qemu-nbd's command line unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from nbdqcow import __version__
+from nbdqcow.errors import NbdqcowError
+
+# subcommand modules, in help order
+_COMMANDS = ("serve", "create", "info", "map", "check", "snapshot")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbdqcow",
+        description="NBD server and qcow2 tools that never move a mapped cluster.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"nbdqcow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            mod = importlib.import_module(f"nbdqcow.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"nbdqcow.cli.{name}":
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 1
+    try:
+        return int(func(args) or 0)
+    except NbdqcowError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{parser.prog}: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(argv, build_parser())
+
+
+def qemu_nbd_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point ``nbdqcow-nbd``: qemu-nbd's command line, no subcommand."""
+    from nbdqcow.cli import serve
+
+    parser = argparse.ArgumentParser(prog="nbdqcow-nbd")
+    serve.add_arguments(parser)
+    return run(argv, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
