@@ -1,0 +1,1 @@
+"""Sans-I/O NBD codec: bytes in -> events out, replies in -> bytes out.  No sockets here."""
