@@ -1,4 +1,4 @@
-"""Shared test helpers: reference tools must exist in CI, may be missing locally."""
+"""Helpers for tests that need reference tools (qemu-img, nbdinfo, ...)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ import pytest
 
 
 def require_tool(name: str) -> str:
-    """Return the path of the tool ``name``.
-
-    When it is missing: fail under CI (env var CI set), skip otherwise.
-    """
+    """Path of tool ``name``; skip the test when missing, FAIL when $CI is set."""
     path = shutil.which(name)
     if path is None:
-        msg = f"required tool '{name}' is not installed"
+        msg = f"reference tool {name!r} is not installed"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
