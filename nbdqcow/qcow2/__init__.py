@@ -1,0 +1,1 @@
+"""The qcow2 format engine (spec: qemu docs/interop/qcow2.txt)."""
