@@ -84,8 +84,8 @@ class RawDriver:
         out = []
         for start, n, is_data in self.file.data_runs(self.offset + offset, length):
             out.append(
-                Extent(start - self.offset, n, is_data, is_data, not is_data, 0,
-                       start if is_data else None, self.path)
+                Extent(start - self.offset, n, True, is_data, not is_data, 0,
+                       start, self.path)
             )
         return out
 

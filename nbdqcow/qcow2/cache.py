@@ -1,0 +1,92 @@
+"""Metadata cache: cluster-sized tables (L2 tables, refcount blocks) kept as arrays in
+an LRU, with dirty tracking and a flush dependency (qcow2.txt is silent here; this is the
+engine's write-ordering rule): before a dirty table of this cache is written, the
+``before_store`` hook runs (for L2 tables it writes and syncs the refcount side first).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+
+Loader = Callable[[int], "array[int]"]
+Storer = Callable[[int, "array[int]"], None]
+
+
+class TableCache:
+    def __init__(
+        self,
+        capacity: int,
+        load: Loader,
+        store: Storer,
+        before_store: Callable[[], None] | None = None,
+    ) -> None:
+        self.capacity = max(4, capacity)
+        self._load = load
+        self._store = store
+        self._before_store = before_store
+        self._tables: OrderedDict[int, array[int]] = OrderedDict()
+        self._dirty: set[int] = set()
+
+    def __contains__(self, offset: int) -> bool:
+        return offset in self._tables
+
+    def get(self, offset: int) -> array[int]:
+        t = self._tables.get(offset)
+        if t is not None:
+            self._tables.move_to_end(offset)
+            return t
+        t = self._load(offset)
+        self._insert(offset, t)
+        return t
+
+    def insert_new(self, offset: int, table: array[int]) -> None:
+        """A table that exists only in memory so far (dirty)."""
+        self._insert(offset, table)
+        self._dirty.add(offset)
+
+    def mark_dirty(self, offset: int) -> None:
+        self._dirty.add(offset)
+
+    def is_dirty(self, offset: int) -> bool:
+        return offset in self._dirty
+
+    @property
+    def has_dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def drop(self, offset: int) -> None:
+        """Forget a table whose cluster is being freed (never written back)."""
+        self._tables.pop(offset, None)
+        self._dirty.discard(offset)
+
+    def _insert(self, offset: int, table: array[int]) -> None:
+        self._tables[offset] = table
+        while len(self._tables) > self.capacity:
+            self._evict_one()
+
+    def _evict_one(self) -> None:
+        # prefer the least recently used clean table
+        for off in self._tables:
+            if off not in self._dirty:
+                del self._tables[off]
+                return
+        off = next(iter(self._tables))
+        self.write_back()
+        del self._tables[off]
+
+    def write_back(self) -> bool:
+        """Write every dirty table (after the dependency hook).  True if anything was written."""
+        if not self._dirty:
+            return False
+        if self._before_store is not None:
+            self._before_store()
+        for off in sorted(self._dirty):
+            self._store(off, self._tables[off])
+        self._dirty.clear()
+        return True
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self._dirty.clear()
