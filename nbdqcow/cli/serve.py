@@ -1,0 +1,220 @@
+"""``nbdqcow serve`` / ``nbdqcow-nbd``: qemu-nbd's command line, served by nbdqcow."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+from nbdqcow import __version__
+from nbdqcow.block.open import open_image, probe_format
+from nbdqcow.errors import ImageOpenError, NbdqcowError
+from nbdqcow.server.exports import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, Export
+
+DEFAULT_PORT = 10809
+DEFAULT_BIND = "0.0.0.0"
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"negative number '{text}'")
+    return value
+
+
+def _size(text: str) -> int:
+    from nbdqcow.cli.sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """qemu-nbd's options (same names, same meaning) plus nbdqcow's own."""
+    a = parser.add_argument
+    a("filename", nargs="?", metavar="FILE", help="image to serve")
+    a("-p", "--port", type=_int, default=None, help=f"TCP port to listen on (default {DEFAULT_PORT})")
+    a("-b", "--bind", default=None, help=f"interface to bind to (default {DEFAULT_BIND})")
+    a("-k", "--socket", metavar="PATH", help="listen on a unix socket instead of TCP")
+    a("-x", "--export-name", default="", metavar="NAME", help="export name (default empty)")
+    a("-D", "--description", default="", metavar="TEXT", help="export description")
+    a("-r", "--read-only", action="store_true", help="export read-only")
+    a("-t", "--persistent", action="store_true", help="don't exit after the last client")
+    a("-e", "--shared", type=_int, default=1, metavar="NUM",
+      help="clients served at once (default 1, 0 = unlimited)")
+    a("-f", "--format", choices=("raw", "qcow2"), help="image format (probed when absent)")
+    a("-o", "--offset", type=_int, default=0, help="offset into a raw image")
+    a("-l", "--load-snapshot", metavar="SNAPSHOT", help="serve an internal snapshot (read-only)")
+    a("-s", "--snapshot", action="store_true",
+      help="serve a temporary qcow2 overlay; the image is not modified")
+    a("-A", "--allocation-depth", action="store_true",
+      help="expose the qemu:allocation-depth metadata context")
+    a("--discard", choices=DISCARD_MODES, default="ignore", help="honour TRIM (unmap) or not")
+    a("--detect-zeroes", choices=DETECT_ZEROES_MODES, default="off",
+      help="turn writes of zeroes into zero writes")
+    a("--cache", choices=CACHE_MODES, default="writeback", help="cache mode")
+    a("-n", "--nocache", action="store_const", const="none", dest="cache",
+      help="same as --cache=none")
+    a("--aio", choices=("threads", "native", "io_uring"), default="threads",
+      help="accepted for compatibility")
+    a("--fork", action="store_true", help="fork into the background once ready")
+    a("--pid-file", metavar="PATH", help="write the server's pid here")
+    a("-v", "--verbose", action="count", default=0, help="log connections and errors")
+    a("-V", "--version", action="version", version=f"nbdqcow {__version__}")
+    a("-L", "--list", action="store_true", help="list the exports of a server (client mode)")
+    a("--mapping", choices=("preserve", "release"), default=None,
+      help="qcow2 mapping policy for discard and zero writes")
+    a("--cache-size", type=_size, default=None, help="qcow2 metadata cache size")
+    parser.set_defaults(func=run_serve)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("serve", help="serve an image over NBD (qemu-nbd options)")
+    add_arguments(p)
+
+
+# --- -L ----------------------------------------------------------------------------------------
+def _connect_for_list(args: argparse.Namespace) -> socket.socket:
+    if args.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(args.socket)
+        return s
+    host = args.bind or "localhost"
+    if host in ("0.0.0.0", "::"):
+        host = "localhost"
+    return socket.create_connection((host, args.port or DEFAULT_PORT))
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from nbdqcow.server.listing import format_listing, list_exports
+
+    with contextlib.closing(_connect_for_list(args)) as s:
+        print(format_listing(list_exports(s)))
+    return 0
+
+
+# --- -s -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def temporary_overlay(path: str, fmt: str) -> Iterator[str]:
+    """A qcow2 overlay backed by ``path`` in a temporary directory (qemu-nbd -s)."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise ImageOpenError("--snapshot needs qemu-img to create the overlay")
+    tmpdir = tempfile.mkdtemp(prefix="nbdqcow-snapshot-")
+    overlay = os.path.join(tmpdir, "overlay.qcow2")
+    try:
+        proc = subprocess.run(
+            [qemu_img, "create", "-q", "-f", "qcow2", "-b", os.path.abspath(path), "-F", fmt,
+             overlay],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise ImageOpenError(f"cannot create the snapshot overlay: {proc.stderr.strip()}")
+        yield overlay
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# --- serve --------------------------------------------------------------------------------------
+def _listeners(args: argparse.Namespace) -> list[socket.socket]:
+    from nbdqcow.server import serve as srv
+
+    if args.socket:
+        if args.port is not None or args.bind is not None:
+            raise NbdqcowError("--socket cannot be combined with --port or --bind")
+        return [srv.unix_listener(args.socket)]
+    if args.port is None and args.bind is None and srv.socket_activation_requested():
+        socks = srv.inherited_listeners()
+        if socks:
+            return socks
+    return srv.tcp_listeners(args.bind or DEFAULT_BIND, DEFAULT_PORT if args.port is None
+                             else args.port)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="nbdqcow: %(message)s",
+    )
+    if args.list:
+        return run_list(args)
+    if not args.filename:
+        raise NbdqcowError("an image file is required (see --help)")
+    if args.detect_zeroes == "unmap" and args.discard != "unmap":
+        raise NbdqcowError("--detect-zeroes=unmap needs --discard=unmap")
+    readonly = args.read_only or bool(args.load_snapshot)
+    fmt = args.format or probe_format(args.filename)
+    with contextlib.ExitStack() as stack:
+        path = args.filename
+        if args.snapshot:
+            path = stack.enter_context(temporary_overlay(path, fmt))
+            fmt = "qcow2"
+        driver = open_image(
+            path, fmt, writable=not readonly, offset=args.offset, snapshot=args.load_snapshot,
+            cache_size=args.cache_size, mapping=args.mapping,
+        )
+        stack.callback(driver.close)
+        export = Export(
+            name=args.export_name,
+            driver=driver,
+            description=args.description,
+            readonly=readonly,
+            allocation_depth=args.allocation_depth,
+            discard=args.discard,
+            detect_zeroes=args.detect_zeroes,
+            cache=args.cache,
+            multi_conn=args.shared != 1,
+        )
+        listeners = _listeners(args)
+        return _serve(args, export, listeners)
+    return 0  # pragma: no cover - the with block always returns
+
+
+def _serve(args: argparse.Namespace, export: Export, listeners: list[socket.socket]) -> int:
+    from nbdqcow.server.serve import NbdServer, run
+
+    ready_fd = -1
+    if args.fork:
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(wfd)
+            ok = os.read(rfd, 1)
+            os._exit(0 if ok == b"1" else 1)
+        os.close(rfd)
+        os.setsid()
+        ready_fd = wfd
+    if args.pid_file:
+        with open(args.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def ready() -> None:
+        if ready_fd >= 0:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+
+    server = NbdServer([export], shared=args.shared, persistent=args.persistent)
+    try:
+        run(server, listeners, ready)
+    finally:
+        if args.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pid_file)
+    sys.stdout.flush()
+    return 0

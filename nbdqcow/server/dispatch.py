@@ -1,0 +1,409 @@
+"""Validate every request once, call the driver, answer.
+
+All checks (command, flags, read-only, range, size) happen here before any driver
+call; exceptions become NBD errors through the one table in :mod:`nbdqcow.errors`.
+What a driver lacks is emulated here: FUA as a flush, WRITE_ZEROES as writes.
+
+Small requests run inline on the event loop; large ones (and anything that syncs)
+run in a worker thread.  Requests that overlap a deferred one (where either writes)
+wait for it, so overlapping writes take effect in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from nbdqcow.block.driver import Extent
+from nbdqcow.errors import (
+    NBD_EINVAL,
+    NBD_ENOSPC,
+    NBD_ENOTSUP,
+    NBD_EOVERFLOW,
+    NBD_EPERM,
+    NbdqcowError,
+    nbd_errno,
+)
+from nbdqcow.nbd.constants import (
+    MAX_PAYLOAD,
+    QEMU_ALLOCATION_DEPTH,
+    Cmd,
+    CmdFlag,
+    StateFlag,
+)
+from nbdqcow.nbd.handshake import Negotiated
+from nbdqcow.nbd.transmission import ReplyEncoder, Request
+from nbdqcow.server.exports import Export
+from nbdqcow.server.flow import FlowControl
+
+log = logging.getLogger("nbdqcow.server")
+
+Buffer = bytes | bytearray | memoryview
+Reply = list[Buffer]
+
+#: requests smaller than this run inline on the event loop
+INLINE_LIMIT = 256 * 1024
+#: structured READs at least this large look for holes through block status
+HOLE_SCAN_MIN = 64 * 1024
+#: BLOCK_STATUS over more than this runs in a worker thread
+BLOCK_STATUS_INLINE = 8 * 1024 * 1024
+_ZERO_CHUNK = 1024 * 1024
+_ZEROS = bytes(_ZERO_CHUNK)
+_ZEROV = memoryview(_ZEROS)
+_EVERYTHING = 1 << 64
+
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_DF = int(CmdFlag.DF)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_HOLE = int(StateFlag.HOLE)
+_ZERO = int(StateFlag.ZERO)
+
+
+def is_zero(data: Buffer) -> bool:
+    """True when every byte of ``data`` is zero (memcmp speed)."""
+    mv = memoryview(data).cast("B")
+    for pos in range(0, len(mv), _ZERO_CHUNK):
+        part = mv[pos : pos + _ZERO_CHUNK]
+        if part != _ZEROV[: len(part)]:
+            return False
+    return True
+
+
+def _allocation_flags(e: Extent) -> int:
+    return (0 if e.data else _HOLE) | (_ZERO if e.zero else 0)
+
+
+def _depth_flags(e: Extent) -> int:
+    return e.allocation_depth
+
+
+def descriptors(
+    extents: Sequence[Extent], offset: int, length: int, status: Callable[[Extent], int],
+    req_one: bool,
+) -> list[tuple[int, int]]:
+    """(length, flags) descriptors covering [offset, offset+length), equal neighbours merged."""
+    end = offset + length
+    out: list[list[int]] = []
+    pos = offset
+    for e in extents:
+        s = max(e.start, pos)
+        t = min(e.start + e.length, end)
+        if t <= s:
+            continue
+        if s > pos:  # a gap the driver left out: report it as plain data
+            out.append([s - pos, 0])
+        f = status(e)
+        if out and out[-1][1] == f:
+            out[-1][0] += t - s
+        else:
+            out.append([t - s, f])
+        pos = t
+    if not out:
+        out.append([length, 0])
+    if req_one:
+        out = out[:1]
+    return [(n, f) for n, f in out]
+
+
+class Dispatcher:
+    """Handles the requests of one connection."""
+
+    def __init__(
+        self,
+        export: Export,
+        neg: Negotiated,
+        send: Callable[[Reply], None],
+        flow: FlowControl,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.export = export
+        self.driver = export.driver
+        self.caps = export.driver.caps
+        self.size = export.driver.size
+        self.enc = ReplyEncoder(neg.structured, neg.extended)
+        self.structured = neg.structured or neg.extended
+        self.contexts = [
+            (cid, _depth_flags if name == QEMU_ALLOCATION_DEPTH else _allocation_flags)
+            for cid, name in neg.contexts.items()
+        ]
+        self.send = send
+        self.flow = flow
+        self.loop = loop
+        self.writable = export.writable
+        self.disconnecting = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        df = _DF if self.structured else 0
+        pl = _PAYLOAD_LEN if neg.extended else 0
+        self._allowed: dict[int, int] = {
+            Cmd.READ: _FUA | df,
+            Cmd.WRITE: _FUA | pl,
+            Cmd.FLUSH: _FUA,
+            Cmd.TRIM: _FUA,
+            Cmd.CACHE: _FUA,
+            Cmd.WRITE_ZEROES: _FUA | _NO_HOLE | _FAST_ZERO,
+            Cmd.BLOCK_STATUS: _FUA | _REQ_ONE,
+            Cmd.DISC: _FUA,
+        }
+        self._table: dict[int, Callable[[Request], None]] = {
+            Cmd.READ: self._read,
+            Cmd.WRITE: self._write,
+            Cmd.FLUSH: self._flush,
+            Cmd.TRIM: self._trim,
+            Cmd.CACHE: self._cache,
+            Cmd.WRITE_ZEROES: self._write_zeroes,
+            Cmd.BLOCK_STATUS: self._block_status,
+            Cmd.DISC: self._disc,
+        }
+
+    # --- entry --------------------------------------------------------------------------
+    def handle(self, req: Request) -> None:
+        handler = self._table.get(req.cmd)
+        if handler is None:
+            self._fail(req, NBD_EINVAL, f"unknown command {req.cmd}")
+        elif req.flags & ~self._allowed[req.cmd]:
+            self._fail(req, NBD_EINVAL, f"invalid flags {req.flags:#x} for command {req.cmd}")
+        else:
+            handler(req)
+
+    def _fail(self, req: Request, code: int, msg: str) -> None:
+        self.send([self.enc.error(req.cookie, code, msg, req.offset)])
+
+    def _error_reply(self, req: Request, exc: BaseException) -> Reply:
+        if not isinstance(exc, NbdqcowError | OSError):
+            log.error("request %d failed", req.cmd, exc_info=exc)
+        return [self.enc.error(req.cookie, nbd_errno(exc), str(exc), req.offset)]
+
+    def _call(self, req: Request, fn: Callable[[], Reply]) -> Reply:
+        try:
+            return fn()
+        except Exception as e:
+            return self._error_reply(req, e)
+
+    def _run(
+        self, req: Request, start: int, end: int, write: bool, fn: Callable[[], Reply],
+        inline: bool,
+    ) -> None:
+        tracker = self.export.tracker
+        waits = tracker.conflicts(start, end, write) if tracker.ops else []
+        if inline and not waits:
+            self.send(self._call(req, fn))
+            return
+        fut: asyncio.Future[None] = self.loop.create_future()
+        tracker.add(start, end, write, fut)
+        nbytes = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
+        self.flow.start(nbytes)
+        task = self.loop.create_task(self._deferred(req, fn, waits, inline, fut, nbytes))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _deferred(
+        self, req: Request, fn: Callable[[], Reply], waits: list[asyncio.Future[None]],
+        inline: bool, fut: asyncio.Future[None], nbytes: int,
+    ) -> None:
+        try:
+            for w in waits:
+                await w
+            if inline:
+                reply = self._call(req, fn)
+            else:
+                reply = await self.loop.run_in_executor(None, self._call, req, fn)
+            self.send(reply)
+        finally:
+            fut.set_result(None)
+            self.export.tracker.remove(fut)
+            self.flow.finish(nbytes)
+
+    # --- commands -----------------------------------------------------------------------
+    def _read(self, req: Request) -> None:
+        off, n = req.offset, req.length
+        if n > MAX_PAYLOAD:
+            code = NBD_EOVERFLOW if req.flags & _DF else NBD_EINVAL
+            self._fail(req, code, f"read of {n} bytes is larger than {MAX_PAYLOAD}")
+            return
+        if off + n > self.size:
+            self._fail(req, NBD_EINVAL, "read past the end of the export")
+            return
+        if self.structured:
+            df = bool(req.flags & _DF)
+            self._run(req, off, off + n, False, lambda: self._read_structured(req, df),
+                      n < INLINE_LIMIT)
+        else:
+            enc, drv = self.enc, self.driver
+            self._run(req, off, off + n, False,
+                      lambda: [enc.read_simple(req.cookie), drv.pread(off, n)] if n else
+                      [enc.read_simple(req.cookie)], n < INLINE_LIMIT)
+
+    def _read_structured(self, req: Request, df: bool) -> Reply:
+        enc, drv, cookie, off, n = self.enc, self.driver, req.cookie, req.offset, req.length
+        if n == 0:
+            return [enc.none(cookie, off)]
+        if df or n < HOLE_SCAN_MIN or not self.caps.block_status:
+            data = drv.pread(off, n)
+            if not df and is_zero(data):
+                return [enc.hole(cookie, off, n, True, off)]
+            return [enc.data(cookie, off, n, True, off), data]
+        runs: list[list[int]] = []  # [start, length, zero]
+        pos, end = off, off + n
+        for e in drv.block_status(off, n):
+            s, t = max(e.start, pos), min(e.start + e.length, end)
+            if t <= s:
+                continue
+            z = 1 if e.zero else 0
+            if runs and runs[-1][2] == z and runs[-1][0] + runs[-1][1] == s:
+                runs[-1][1] += t - s
+            else:
+                runs.append([s, t - s, z])
+            pos = t
+        if pos < end:
+            runs.append([pos, end - pos, 0])
+        out: Reply = []
+        last = len(runs) - 1
+        for i, (s, length, z) in enumerate(runs):
+            if z:
+                out.append(enc.hole(cookie, s, length, i == last, off))
+            else:
+                out.append(enc.data(cookie, s, length, i == last, off))
+                out.append(drv.pread(s, length))
+        return out
+
+    def _check_write(self, req: Request) -> bool:
+        if not self.writable:
+            self._fail(req, NBD_EPERM, "export is read-only")
+            return False
+        if req.offset + req.length > self.size:
+            self._fail(req, NBD_ENOSPC, "write past the end of the export")
+            return False
+        return True
+
+    def _fua(self, req: Request) -> bool:
+        return bool(req.flags & _FUA) or self.export.writethrough
+
+    def _write(self, req: Request) -> None:
+        data = req.payload
+        if data is None:
+            self._fail(req, NBD_EINVAL, f"write of {req.length} bytes is larger than {MAX_PAYLOAD}")
+            return
+        if not self._check_write(req):
+            return
+        off, n = req.offset, req.length
+        fua = self._fua(req)
+        native = self.caps.native_fua
+        drv, enc, cookie = self.driver, self.enc, req.cookie
+        detect = self.export.detect_zeroes != "off"
+
+        def fn() -> Reply:
+            if detect and is_zero(data):
+                self._zero(off, n, self.export.detect_zeroes == "unmap"
+                           and self.export.discard == "unmap", False)
+                if fua:
+                    drv.flush()
+            else:
+                drv.pwrite(data, off, fua and native)
+                if fua and not native:
+                    drv.flush()
+            return [enc.ok(cookie, off)]
+
+        self._run(req, off, off + n, True, fn, n < INLINE_LIMIT and not fua)
+
+    def _zero(self, off: int, n: int, may_unmap: bool, fast: bool) -> None:
+        drv = self.driver
+        if self.caps.write_zeroes:
+            drv.write_zeroes(off, n, may_unmap, fast)
+            return
+        pos, end = off, off + n
+        while pos < end:
+            k = min(_ZERO_CHUNK, end - pos)
+            drv.pwrite(_ZEROV[:k], pos)
+            pos += k
+
+    def _write_zeroes(self, req: Request) -> None:
+        if not self._check_write(req):
+            return
+        fast = bool(req.flags & _FAST_ZERO)
+        if fast and not (self.caps.write_zeroes and self.caps.fast_zero):
+            self._fail(req, NBD_ENOTSUP, "cannot write zeroes quickly")
+            return
+        off, n = req.offset, req.length
+        may_unmap = not req.flags & _NO_HOLE and self.export.discard == "unmap"
+        fua = self._fua(req)
+        drv, enc, cookie = self.driver, self.enc, req.cookie
+
+        def fn() -> Reply:
+            if n:
+                self._zero(off, n, may_unmap, fast)
+            if fua:
+                drv.flush()
+            return [enc.ok(cookie, off)]
+
+        self._run(req, off, off + n, True, fn, n < INLINE_LIMIT and not fua)
+
+    def _trim(self, req: Request) -> None:
+        if not self._check_write(req):
+            return
+        off, n = req.offset, req.length
+        fua = self._fua(req)
+        drv, enc, cookie = self.driver, self.enc, req.cookie
+        do_it = self.export.can_trim and n > 0
+
+        def fn() -> Reply:
+            if do_it:
+                drv.discard(off, n)
+            if fua:
+                drv.flush()
+            return [enc.ok(cookie, off)]
+
+        self._run(req, off, off + n, True, fn, n < INLINE_LIMIT and not fua)
+
+    def _flush(self, req: Request) -> None:
+        if req.offset or req.length:
+            self._fail(req, NBD_EINVAL, "flush offset and length must be zero")
+            return
+        drv, enc, cookie = self.driver, self.enc, req.cookie
+        if not self.writable or self.export.cache == "unsafe":
+            self.send([enc.ok(cookie)])
+            return
+
+        def fn() -> Reply:
+            drv.flush()
+            return [enc.ok(cookie)]
+
+        self._run(req, 0, _EVERYTHING, True, fn, False)
+
+    def _cache(self, req: Request) -> None:
+        if req.offset + req.length > self.size:
+            self._fail(req, NBD_EINVAL, "cache request past the end of the export")
+            return
+        self.send([self.enc.ok(req.cookie, req.offset)])
+
+    def _block_status(self, req: Request) -> None:
+        off, n = req.offset, req.length
+        if not self.contexts:
+            self._fail(req, NBD_EINVAL, "no metadata context was negotiated")
+            return
+        if n == 0 or off + n > self.size:
+            self._fail(req, NBD_EINVAL, "block status range is empty or past the end")
+            return
+        req_one = bool(req.flags & _REQ_ONE)
+        enc, drv, caps, cookie = self.enc, self.driver, self.caps, req.cookie
+        contexts = self.contexts
+
+        def fn() -> Reply:
+            if caps.block_status:
+                extents = drv.block_status(off, n)
+            else:
+                extents = [Extent(off, n, True, True, False, 0, None)]
+            out: Reply = []
+            last = len(contexts) - 1
+            for i, (cid, status) in enumerate(contexts):
+                descs = descriptors(extents, off, n, status, req_one)
+                out.append(enc.block_status(cookie, cid, descs, i == last, off))
+            return out
+
+        self._run(req, off, off + n, False, fn, n <= BLOCK_STATUS_INLINE)
+
+    def _disc(self, req: Request) -> None:
+        self.disconnecting = True

@@ -1,0 +1,105 @@
+"""Export name -> driver, plus the flags and metadata contexts advertised for it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from nbdqcow.block.driver import BlockDriver
+from nbdqcow.nbd.constants import (
+    BASE_ALLOCATION,
+    MAX_PAYLOAD,
+    QEMU_ALLOCATION_DEPTH,
+    TransmissionFlag,
+)
+from nbdqcow.nbd.handshake import ExportInfo
+
+DISCARD_MODES = ("ignore", "unmap")
+DETECT_ZEROES_MODES = ("off", "on", "unmap")
+CACHE_MODES = ("writeback", "none", "writethrough", "directsync", "unsafe")
+
+
+class RangeTracker:
+    """Requests that did not complete inline (worker thread or waiting), per export.
+
+    A new request that overlaps a tracked one where either writes waits for it, so
+    overlapping writes (and reads after writes) take effect in arrival order.
+    """
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[int, int, bool, asyncio.Future[None]]] = []
+
+    def conflicts(self, start: int, end: int, write: bool) -> list[asyncio.Future[None]]:
+        return [
+            fut
+            for s, e, w, fut in self.ops
+            if (w or write) and s < end and start < e and not fut.done()
+        ]
+
+    def add(self, start: int, end: int, write: bool, fut: asyncio.Future[None]) -> None:
+        self.ops.append((start, end, write, fut))
+
+    def remove(self, fut: asyncio.Future[None]) -> None:
+        self.ops = [op for op in self.ops if op[3] is not fut]
+
+
+@dataclass
+class Export:
+    """One served image and how it is served."""
+
+    name: str
+    driver: BlockDriver
+    description: str = ""
+    readonly: bool = False
+    allocation_depth: bool = False
+    discard: str = "ignore"
+    detect_zeroes: str = "off"
+    cache: str = "writeback"
+    multi_conn: bool = False
+    tracker: RangeTracker = field(default_factory=RangeTracker)
+
+    @property
+    def writable(self) -> bool:
+        return not self.readonly and self.driver.caps.writable
+
+    @property
+    def writethrough(self) -> bool:
+        """Every write is FUA (qemu's writethrough and directsync cache modes)."""
+        return self.cache in ("writethrough", "directsync")
+
+    @property
+    def can_trim(self) -> bool:
+        return self.writable and self.discard == "unmap" and self.driver.caps.discard
+
+    @property
+    def flags(self) -> int:
+        """Transmission flags: exactly what this server does for this export."""
+        f = TransmissionFlag
+        flags = f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_FUA | f.SEND_DF | f.SEND_CACHE
+        if self.writable:
+            flags |= f.SEND_WRITE_ZEROES | f.SEND_FAST_ZERO
+            if self.can_trim:
+                flags |= f.SEND_TRIM
+        else:
+            flags |= f.READ_ONLY
+        if self.multi_conn:
+            flags |= f.CAN_MULTI_CONN
+        return int(flags)
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        if self.allocation_depth:
+            return (BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH)
+        return (BASE_ALLOCATION,)
+
+    def info(self) -> ExportInfo:
+        return ExportInfo(
+            name=self.name,
+            size=self.driver.size,
+            flags=self.flags,
+            description=self.description,
+            min_block=1,
+            pref_block=4096,
+            max_block=MAX_PAYLOAD,
+            contexts=self.contexts,
+        )

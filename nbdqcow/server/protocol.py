@@ -1,0 +1,173 @@
+"""asyncio BufferedProtocol: wires one client connection to the sans-I/O codec."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, cast
+
+from nbdqcow.errors import RemoteProtocolError
+from nbdqcow.nbd.handshake import ServerHandshake
+from nbdqcow.nbd.transmission import RequestDecoder
+from nbdqcow.server.dispatch import Dispatcher, Reply
+from nbdqcow.server.flow import FlowControl
+
+if TYPE_CHECKING:
+    from nbdqcow.server.serve import NbdServer
+
+log = logging.getLogger("nbdqcow.server")
+
+_HANDSHAKE_BUFFER = 64 * 1024
+
+
+class NbdProtocol(asyncio.BufferedProtocol):
+    """One client: handshake first, then transmission."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.handshake: ServerHandshake | None = None
+        self.decoder: RequestDecoder | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.flow: FlowControl | None = None
+        self._hsbuf = memoryview(bytearray(_HANDSHAKE_BUFFER))
+        self.closed = False
+        self.started = False
+        self.peer = ""
+
+    # --- connection lifecycle -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport: trust the interface
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover
+                pass
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if not self.server.admit(self):
+            transport.pause_reading()  # queued: no greeting until a slot frees up
+
+    def start(self) -> None:
+        """Send the greeting (called when the connection is admitted)."""
+        assert self.transport is not None
+        self.started = True
+        self.transport.resume_reading()
+        self.handshake = ServerHandshake(self.server.export_infos)
+        self.transport.write(self.handshake.start())
+        log.info("client %s connected", self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.flow is not None:
+            self.flow.stopped = True
+        self.server.release(self)
+        log.info("client %s disconnected", self.peer)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        if self.flow is not None:
+            self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.flow is not None:
+            self.flow.resume_writing()
+
+    def abort(self, reason: str) -> None:
+        log.warning("client %s: %s; disconnecting", self.peer, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- reading ----------------------------------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.decoder is not None:
+            return self.decoder.get_buffer()
+        return self._hsbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        decoder = self.decoder
+        if decoder is None:
+            self._handshake_data(self._hsbuf[:nbytes])
+            return
+        try:
+            reqs = decoder.buffer_updated(nbytes)
+        except RemoteProtocolError as e:
+            self.abort(str(e))
+            return
+        self._handle(reqs)
+
+    def _handle(self, reqs: list) -> None:  # type: ignore[type-arg]
+        disp = self.dispatcher
+        assert disp is not None
+        for req in reqs:
+            if disp.disconnecting:
+                break
+            disp.handle(req)
+        if disp.disconnecting:
+            self._disconnect()
+
+    def _handshake_data(self, data: memoryview) -> None:
+        hs, transport = self.handshake, self.transport
+        if hs is None or transport is None:  # data before admission: cannot happen
+            return
+        out = hs.receive(data)
+        if out:
+            transport.write(out)
+        if hs.closed:
+            log.info("client %s: %s", self.peer, hs.close_reason)
+            transport.close()
+            return
+        if hs.done:
+            neg = hs.result
+            assert neg is not None and self.flow is not None
+            export = self.server.export_by_name(neg.export.name)
+            self.decoder = RequestDecoder(extended=neg.extended)
+            self.dispatcher = Dispatcher(export, neg, self.send, self.flow, self.loop)
+            self.server.negotiated(self)
+            if hs.leftover:
+                try:
+                    reqs = self.decoder.feed(hs.leftover)
+                except RemoteProtocolError as e:
+                    self.abort(str(e))
+                    return
+                self._handle(reqs)
+
+    # --- writing ----------------------------------------------------------------------------
+    def send(self, bufs: Reply) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if len(bufs) == 1:
+            t.write(bufs[0])
+        else:
+            t.writelines(bufs)
+
+    def _disconnect(self) -> None:
+        """NBD_CMD_DISC: stop reading, finish what is in flight, then close."""
+        assert self.flow is not None
+        self.flow.stop()
+        self.loop.create_task(self._close_when_idle())
+
+    async def _close_when_idle(self) -> None:
+        assert self.flow is not None
+        await self.flow.idle.wait()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self) -> None:
+        """Server shutdown: stop reading, let in-flight requests finish, close."""
+        if self.flow is not None:
+            self.flow.stop()
+            try:
+                await asyncio.wait_for(self.flow.idle.wait(), 10)
+            except TimeoutError:
+                pass
+        if self.transport is not None:
+            self.transport.close()

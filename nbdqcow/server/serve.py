@@ -1,0 +1,218 @@
+"""Listen on TCP / unix / inherited sockets, admit clients, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable, Sequence
+
+from nbdqcow.errors import NbdqcowError
+from nbdqcow.nbd.handshake import ExportInfo
+from nbdqcow.server.exports import Export
+from nbdqcow.server.protocol import NbdProtocol
+
+log = logging.getLogger("nbdqcow.server")
+
+DEFAULT_PORT = 10809
+SD_LISTEN_FDS_START = 3
+
+
+class ListenError(NbdqcowError):
+    """Could not create a listening socket."""
+
+
+# --- listeners ------------------------------------------------------------------------------
+def unix_listener(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {path}: {e.strerror}") from None
+    return sock
+
+
+def tcp_listeners(host: str | None, port: int) -> list[socket.socket]:
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as e:
+        raise ListenError(f"cannot resolve {host}: {e.strerror}") from None
+    socks: list[socket.socket] = []
+    errors: list[str] = []
+    seen: set[tuple[int, object]] = set()
+    for family, type_, proto, _, addr in infos:
+        if (family, addr) in seen:
+            continue
+        seen.add((family, addr))
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError as e:
+            sock.close()
+            errors.append(f"{addr}: {e.strerror}")
+            continue
+        socks.append(sock)
+    if not socks:
+        raise ListenError("cannot listen: " + "; ".join(errors))
+    return socks
+
+
+def inherited_listeners() -> list[socket.socket]:
+    """systemd socket activation: LISTEN_PID is us, LISTEN_FDS sockets start at fd 3."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        n = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return socks
+
+
+def socket_activation_requested() -> bool:
+    return "LISTEN_FDS" in os.environ and "LISTEN_PID" in os.environ
+
+
+# --- the server -----------------------------------------------------------------------------
+class NbdServer:
+    """Exports, client admission (``-e``) and the exit-after-last-client rule (``-t``)."""
+
+    def __init__(
+        self, exports: Sequence[Export], shared: int = 1, persistent: bool = False
+    ) -> None:
+        if not exports:
+            raise ValueError("no exports")
+        self.exports = list(exports)
+        self.shared = shared
+        self.persistent = persistent
+        self.active: set[NbdProtocol] = set()
+        self.waiting: collections.deque[NbdProtocol] = collections.deque()
+        self._done: asyncio.Event | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.unix_paths: list[str] = []
+
+    # --- exports ----------------------------------------------------------------------------
+    def export_infos(self) -> list[ExportInfo]:
+        return [e.info() for e in self.exports]
+
+    def export_by_name(self, name: str) -> Export:
+        for e in self.exports:
+            if e.name == name:
+                return e
+        return self.exports[0]
+
+    # --- admission --------------------------------------------------------------------------
+    def admit(self, proto: NbdProtocol) -> bool:
+        if self.shared > 0 and len(self.active) >= self.shared:
+            self.waiting.append(proto)
+            return False
+        self.active.add(proto)
+        proto.start()
+        return True
+
+    def release(self, proto: NbdProtocol) -> None:
+        if proto in self.active:
+            self.active.discard(proto)
+        elif proto in self.waiting:
+            self.waiting.remove(proto)
+        while self.waiting and (self.shared <= 0 or len(self.active) < self.shared):
+            nxt = self.waiting.popleft()
+            if not nxt.closed:
+                self.active.add(nxt)
+                nxt.start()
+        if not self.persistent and not self.active and not self.waiting:
+            self.stop()
+
+    def negotiated(self, proto: NbdProtocol) -> None:
+        """A client finished its handshake (hook for logging/tests)."""
+
+    def stop(self) -> None:
+        if self._done is not None:
+            self._done.set()
+
+    # --- running ----------------------------------------------------------------------------
+    async def serve(
+        self, listeners: Sequence[socket.socket], ready: Callable[[], None] | None = None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        for sock in listeners:
+            if sock.family == socket.AF_UNIX:
+                srv = await loop.create_unix_server(lambda: NbdProtocol(self), sock=sock)
+                name = sock.getsockname()
+                if isinstance(name, str) and name:
+                    self.unix_paths.append(name)
+            else:
+                srv = await loop.create_server(lambda: NbdProtocol(self), sock=sock)
+            self.servers.append(srv)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        if ready is not None:
+            ready()
+        try:
+            await self._done.wait()
+        finally:
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    async def shutdown(self) -> None:
+        for srv in self.servers:
+            srv.close()
+        clients = list(self.active) + list(self.waiting)
+        if clients:
+            await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
+        for export in self.exports:
+            try:
+                if export.writable and export.cache != "unsafe":
+                    export.driver.flush()
+            except Exception as e:  # noqa: BLE001 - report and keep closing
+                log.error("flush of export %r failed: %s", export.name, e)
+        for path in self.unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when it is importable."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run(
+    server: NbdServer,
+    listeners: Sequence[socket.socket],
+    ready: Callable[[], None] | None = None,
+    use_uvloop: bool = True,
+) -> None:
+    """Serve until the last client leaves (unless persistent) or a signal arrives."""
+    if use_uvloop:
+        install_uvloop()
+    asyncio.run(server.serve(listeners, ready))
