@@ -208,6 +208,12 @@ def write_results(path: Path, text: str, args: argparse.Namespace, labels: list[
         text,
         "",
     ]
+    if path.exists():  # keep the section bench/memory.py maintains
+        old = path.read_text()
+        start = old.find("\n## Memory\n")
+        if start >= 0:
+            lines.append(old[start + 1 :].rstrip("\n"))
+            lines.append("")
     path.write_text("\n".join(lines))
 
 
