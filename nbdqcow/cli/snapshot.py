@@ -1,0 +1,62 @@
+"""``nbdqcow snapshot``: qemu-img snapshot's command line.
+
+Each action is one entry of ``_ACTIONS`` (flag -> handler); ``-l`` lists today, and
+create/delete/apply (-c/-d/-a) plug in the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.open import probe_format
+from nbdqcow.cli.sizes import format_size
+from nbdqcow.errors import ImageOpenError
+from nbdqcow.qcow2.info import read_header, snapshot_table_lines
+from nbdqcow.qcow2.snapshot import read_snapshot_table
+
+
+def list_snapshots(args: argparse.Namespace) -> int:
+    fmt = args.format or probe_format(args.file)
+    if fmt != "qcow2":
+        raise ImageOpenError(f"'{args.file}': raw images have no internal snapshots")
+    f = HostFile(args.file, writable=False)
+    try:
+        snaps = read_snapshot_table(f, read_header(f))
+    finally:
+        f.close()
+    if snaps:
+        sys.stdout.write("Snapshot list:\n")
+        sys.stdout.write("\n".join(snapshot_table_lines(snaps, format_size)) + "\n")
+    return 0
+
+
+# action name -> (flag, takes a snapshot name, handler)
+_ACTIONS: dict[str, tuple[str, bool, Callable[[argparse.Namespace], int]]] = {
+    "list": ("-l", False, list_snapshots),
+}
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    chosen = [name for name in _ACTIONS if getattr(args, f"act_{name}")]
+    if len(chosen) != 1:
+        flags = "|".join(flag for flag, _, _ in _ACTIONS.values())
+        raise ImageOpenError(f"choose exactly one of {flags}")
+    return _ACTIONS[chosen[0]][2](args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("snapshot", help="internal snapshots (qemu-img snapshot)")
+    for name, (flag, takes_name, _) in _ACTIONS.items():
+        if takes_name:
+            p.add_argument(flag, dest=f"act_{name}", metavar="SNAPSHOT", default=None)
+        else:
+            p.add_argument(flag, dest=f"act_{name}", action="store_true")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None)
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="accepted for qemu-img compatibility")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=run_snapshot)
