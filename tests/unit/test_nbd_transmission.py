@@ -1,0 +1,281 @@
+"""Request framing, reply encoders and request validation, without sockets.
+
+Expected wire bytes are written with plain ``struct`` and the spec's magic numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import struct
+from typing import Any
+
+import pytest
+
+from nbdqcow.block.driver import Capabilities, Extent
+from nbdqcow.errors import RemoteProtocolError
+from nbdqcow.nbd.handshake import Negotiated
+from nbdqcow.nbd.transmission import ReplyEncoder, Request, RequestDecoder
+from nbdqcow.server.dispatch import Dispatcher, descriptors, is_zero
+from nbdqcow.server.exports import Export
+
+REQ_MAGIC = 0x25609513
+EXT_REQ_MAGIC = 0x21E41C71
+SIMPLE = 0x67446698
+STRUCT = 0x668E33EF
+EXT_REPLY = 0x6E8A278C
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, ZEROES, BSTAT = range(8)
+
+
+def req(cmd: int, offset: int = 0, length: int = 0, cookie: int = 7, flags: int = 0,
+        payload: bytes = b"") -> bytes:
+    return struct.pack(">IHHQQI", REQ_MAGIC, flags, cmd, cookie, offset, length) + payload
+
+
+# --- decoder ---------------------------------------------------------------------------------
+def test_decode_simple_requests() -> None:
+    d = RequestDecoder()
+    out = d.feed(req(READ, 4096, 512, cookie=1) + req(FLUSH, cookie=2))
+    assert out == [Request(READ, 0, 1, 4096, 512, None), Request(FLUSH, 0, 2, 0, 0, None)]
+    assert d.idle
+
+
+def test_decode_write_payload_split_everywhere() -> None:
+    stream = req(WRITE, 10, 5, payload=b"hello") + req(READ, 0, 1, cookie=9)
+    for cut in range(1, len(stream)):
+        d = RequestDecoder()
+        out = d.feed(stream[:cut]) + d.feed(stream[cut:])
+        assert [(r.cmd, r.cookie, bytes(r.payload) if r.payload is not None else None)
+                for r in out] == [(WRITE, 7, b"hello"), (READ, 9, None)]
+
+
+def test_large_write_received_into_its_own_buffer() -> None:
+    d = RequestDecoder(buffer_size=4096)
+    data = bytes(range(256)) * 1024  # 256 KiB
+    stream = req(WRITE, 0, len(data), payload=data) + req(DISC)
+    out: list[Request] = []
+    pos = 0
+    sizes = set()
+    while pos < len(stream):
+        buf = d.get_buffer()
+        sizes.add(len(buf))
+        k = min(len(buf), len(stream) - pos, 10000)
+        buf[:k] = stream[pos : pos + k]
+        pos += k
+        out += d.buffer_updated(k)
+    assert out[0].payload == data and out[1].cmd == DISC
+    assert max(sizes) >= len(data) - 4096  # the payload buffer was offered directly
+
+
+def test_oversized_write_is_discarded_and_connection_survives() -> None:
+    d = RequestDecoder(max_payload=1024)
+    out = d.feed(req(WRITE, 0, 5000, payload=bytes(5000)) + req(READ, 0, 1, cookie=3))
+    assert out[0].cmd == WRITE and out[0].payload is None and out[0].length == 5000
+    assert out[1].cookie == 3
+
+
+def test_bad_magic_is_a_protocol_error() -> None:
+    d = RequestDecoder()
+    with pytest.raises(RemoteProtocolError):
+        d.feed(struct.pack(">IHHQQI", 0xDEADBEEF, 0, 0, 0, 0, 0))
+    with pytest.raises(RemoteProtocolError):
+        d.feed(req(READ))
+
+
+def test_extended_requests() -> None:
+    d = RequestDecoder(extended=True)
+    big = 5 << 32
+    stream = struct.pack(">IHHQQQ", EXT_REQ_MAGIC, 0, TRIM, 1, 0, big)
+    stream += struct.pack(">IHHQQQ", EXT_REQ_MAGIC, 0x20, WRITE, 2, 8, 3) + b"abc"
+    out = d.feed(stream)
+    assert out[0] == Request(TRIM, 0, 1, 0, big, None)
+    assert out[1].payload == b"abc"
+    with pytest.raises(RemoteProtocolError):
+        RequestDecoder(extended=True).feed(req(READ) + req(READ))
+
+
+# --- encoders -------------------------------------------------------------------------------
+def test_simple_replies() -> None:
+    e = ReplyEncoder()
+    assert e.ok(5) == struct.pack(">IIQ", SIMPLE, 0, 5)
+    assert e.error(5, 22, "bad") == struct.pack(">IIQ", SIMPLE, 22, 5)
+    assert e.read_simple(6) == struct.pack(">IIQ", SIMPLE, 0, 6)
+
+
+def test_structured_chunks() -> None:
+    e = ReplyEncoder(structured=True)
+    assert e.data(1, 4096, 100, True) == struct.pack(">IHHQIQ", STRUCT, 1, 1, 1, 108, 4096)
+    assert e.hole(1, 0, 512, False) == struct.pack(">IHHQIQI", STRUCT, 0, 2, 1, 12, 0, 512)
+    assert e.none(3) == struct.pack(">IHHQI", STRUCT, 1, 0, 3, 0)
+    err = e.error(4, 28, "full")
+    assert err == struct.pack(">IHHQI", STRUCT, 1, 32769, 4, 10) + struct.pack(">IH", 28, 4) + b"full"
+    bs = e.block_status(9, 2, [(4096, 3), (512, 0)], True)
+    assert bs == struct.pack(">IHHQI", STRUCT, 1, 5, 9, 20) + struct.pack(">IIIII", 2, 4096, 3, 512, 0)
+    # with structured replies, non-data commands may still use simple replies
+    assert e.ok(2) == struct.pack(">IIQ", SIMPLE, 0, 2)
+
+
+def test_extended_chunks() -> None:
+    e = ReplyEncoder(extended=True)
+    assert e.ok(2, 100) == struct.pack(">IHHQQQ", EXT_REPLY, 1, 0, 2, 100, 0)
+    assert e.data(1, 4096, 100, True, 4096) == struct.pack(
+        ">IHHQQQQ", EXT_REPLY, 1, 1, 1, 4096, 108, 4096)
+    bs = e.block_status(9, 1, [(1 << 40, 3)], True, 0)
+    assert bs == struct.pack(">IHHQQQ", EXT_REPLY, 1, 6, 9, 0, 24) + struct.pack(
+        ">IIQQ", 1, 1, 1 << 40, 3)
+
+
+# --- helpers of dispatch --------------------------------------------------------------------
+def test_is_zero() -> None:
+    assert is_zero(bytes(3 << 20))
+    assert not is_zero(bytes(3 << 20) + b"\1")
+    assert is_zero(b"")
+
+
+def test_descriptors_merge_clip_and_req_one() -> None:
+    ext = [Extent(0, 4096, True, True, False, 0, 0), Extent(4096, 4096, True, True, False, 0, 1),
+           Extent(8192, 8192, False, False, True, 0, None)]
+    flags = lambda e: (0 if e.data else 1) | (2 if e.zero else 0)  # noqa: E731
+    assert descriptors(ext, 1000, 10000, flags, False) == [(7192, 0), (2808, 3)]
+    assert descriptors(ext, 1000, 10000, flags, True) == [(7192, 0)]
+    assert descriptors([], 0, 10, flags, False) == [(10, 0)]
+
+
+# --- dispatcher against an in-memory driver --------------------------------------------------
+class MemDriver:
+    def __init__(self, size: int, writable: bool = True) -> None:
+        self.data = bytearray(size)
+        self._caps = Capabilities(writable=writable, flush=True, discard=True,
+                                  write_zeroes=True, block_status=True)
+        self.flushes = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def caps(self) -> Capabilities:
+        return self._caps
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset : offset + length])
+
+    def pwrite(self, data: Any, offset: int, fua: bool = False) -> None:
+        self.data[offset : offset + len(data)] = data
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def discard(self, offset: int, length: int) -> None:
+        self.data[offset : offset + length] = bytes(length)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                     fast: bool = False) -> None:
+        self.data[offset : offset + length] = bytes(length)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(offset, length, True, True, False, 0, None)]
+
+    def close(self) -> None:
+        pass
+
+
+class FakeFlow:
+    def start(self, n: int) -> None:
+        pass
+
+    def finish(self, n: int) -> None:
+        pass
+
+
+def run_requests(requests: list[Request], *, writable: bool = True, structured: bool = False,
+                 contexts: dict[int, str] | None = None, size: int = 1 << 20
+                 ) -> tuple[list[bytes], MemDriver]:
+    drv = MemDriver(size, writable)
+    export = Export("", drv, readonly=not writable, discard="unmap")
+    neg = Negotiated(export.info(), structured=structured, contexts=contexts or {})
+    sent: list[bytes] = []
+
+    async def main() -> None:
+        d = Dispatcher(export, neg, lambda bufs: sent.append(b"".join(bytes(b) for b in bufs)),
+                       FakeFlow(), asyncio.get_running_loop())  # type: ignore[arg-type]
+        for r in requests:
+            d.handle(r)
+        while d.tasks:
+            await asyncio.gather(*d.tasks)
+
+    asyncio.run(main())
+    return sent, drv
+
+
+def simple_errors(sent: list[bytes]) -> list[int]:
+    return [struct.unpack_from(">IIQ", s)[1] for s in sent]
+
+
+@pytest.mark.parametrize("request_, code", [
+    (Request(READ, 0, 1, (1 << 20) - 10, 11, None), errno.EINVAL),  # read past end
+    (Request(WRITE, 0, 1, (1 << 20) - 1, 2, b"ab"), errno.ENOSPC),  # write past end
+    (Request(ZEROES, 0, 1, 1 << 20, 1, None), errno.ENOSPC),
+    (Request(READ, 0, 1, 0, 64 << 20, None), errno.EINVAL),  # over the max payload
+    (Request(WRITE, 0, 1, 0, 64 << 20, None), errno.EINVAL),  # discarded oversize write
+    (Request(READ, 0x2, 1, 0, 1, None), errno.EINVAL),  # NO_HOLE on READ
+    (Request(WRITE, 0x8, 1, 0, 1, b"a"), errno.EINVAL),  # REQ_ONE on WRITE
+    (Request(READ, 0x4, 1, 0, 1, None), errno.EINVAL),  # DF without structured replies
+    (Request(READ, 0x100, 1, 0, 1, None), errno.EINVAL),  # unknown flag
+    (Request(42, 0, 1, 0, 1, None), errno.EINVAL),  # unknown command
+    (Request(FLUSH, 0, 1, 1, 0, None), errno.EINVAL),  # flush with an offset
+    (Request(BSTAT, 0, 1, 0, 512, None), errno.EINVAL),  # no context negotiated
+    (Request(CACHE, 0, 1, 1 << 20, 1, None), errno.EINVAL),
+])
+def test_invalid_requests(request_: Request, code: int) -> None:
+    sent, drv = run_requests([request_])
+    assert simple_errors(sent) == [code]
+    assert not any(drv.data)
+
+
+@pytest.mark.parametrize("cmd", [WRITE, TRIM, ZEROES])
+def test_read_only_export_is_eperm(cmd: int) -> None:
+    payload = b"x" if cmd == WRITE else None
+    sent, _ = run_requests([Request(cmd, 0, 1, 0, 1, payload)], writable=False)
+    assert simple_errors(sent) == [errno.EPERM]
+
+
+def test_fast_zero_without_fast_driver_is_enotsup() -> None:
+    sent, _ = run_requests([Request(ZEROES, 0x10, 1, 0, 4096, None)])
+    assert simple_errors(sent) == [95]
+
+
+def test_writes_reads_and_fua_flush() -> None:
+    big = bytes(range(256)) * 2048  # 512 KiB: runs in a worker thread
+    sent, drv = run_requests([
+        Request(WRITE, 0, 1, 0, len(big), big),
+        Request(WRITE, 1, 2, 100, 3, b"abc"),  # overlaps the pending big write: waits for it
+        Request(READ, 0, 3, 98, 6, None),
+    ])
+    assert simple_errors(sent) == [0, 0, 0]
+    assert sent[2][16:] == big[98:100] + b"abc" + big[103:104]
+    assert drv.data[100:103] == b"abc" and drv.flushes == 1
+
+
+def test_structured_read_of_zeroes_is_a_hole() -> None:
+    sent, _ = run_requests([Request(READ, 0, 1, 4096, 4096, None)], structured=True)
+    magic, flags, rtype, cookie, length, offset, hole = struct.unpack(">IHHQIQI", sent[0])
+    assert (magic, flags, rtype, length, offset, hole) == (STRUCT, 1, 2, 12, 4096, 4096)
+
+
+def test_structured_read_df_sends_one_data_chunk() -> None:
+    sent, _ = run_requests([Request(READ, 0x4, 1, 0, 4096, None)], structured=True)
+    magic, flags, rtype, cookie, length, offset = struct.unpack_from(">IHHQIQ", sent[0])
+    assert (rtype, flags, length) == (1, 1, 4096 + 8) and len(sent[0]) == 28 + 4096
+
+
+def test_block_status_one_chunk_per_context() -> None:
+    ctx = {1: "base:allocation", 2: "qemu:allocation-depth"}
+    sent, _ = run_requests([Request(BSTAT, 0, 1, 0, 8192, None)], structured=True, contexts=ctx)
+    msg = sent[0]
+    first = struct.unpack_from(">IHHQI", msg)
+    assert first[1] == 0 and first[2] == 5
+    assert struct.unpack_from(">III", msg, 20) == (1, 8192, 0)  # data: no flags
+    second = struct.unpack_from(">IHHQI", msg, 32)
+    assert second[1] == 1
+    assert struct.unpack_from(">III", msg, 52) == (2, 8192, 1)  # depth 1: this image
