@@ -1,0 +1,82 @@
+"""``nbdqcow check``: qemu-img check's verdicts, figures, output formats and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.open import probe_format
+from nbdqcow.errors import ImageOpenError
+from nbdqcow.qcow2.check import CheckResult, check_file
+from nbdqcow.qcow2.info import qemu_order, to_json
+
+EXIT_NOT_SUPPORTED = 63
+
+
+def human_report(res: CheckResult, repaired: bool) -> str:
+    """qemu-img check's human output (stdout part)."""
+    out: list[str] = []
+    if repaired:
+        out.append("The following inconsistencies were found and repaired:\n\n"
+                   f"    {res.leaks_fixed} leaked clusters\n"
+                   f"    {res.corruptions_fixed} corruptions\n\n"
+                   "Double checking the fixed image now...\n")
+    if not (res.corruptions or res.leaks or res.check_errors):
+        out.append("No errors were found on the image.\n")
+    else:
+        if res.corruptions:
+            out.append(f"\n{res.corruptions} errors were found on the image.\n"
+                       "Data may be corrupted, or further writes to the image may corrupt it.\n")
+        if res.leaks:
+            out.append(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                       "This means waste of disk space, but no harm to data.\n")
+        if res.check_errors:
+            out.append(f"\n{res.check_errors} internal errors have occurred during the check.\n")
+    if res.total_clusters and res.allocated_clusters:
+        a, t = res.allocated_clusters, res.total_clusters
+        out.append(f"{a}/{t} = {a * 100.0 / t:0.2f}% allocated, "
+                   f"{res.fragmented_clusters * 100.0 / a:0.2f}% fragmented, "
+                   f"{res.compressed_clusters * 100.0 / a:0.2f}% compressed clusters\n")
+    if res.image_end_offset:
+        out.append(f"Image end offset: {res.image_end_offset}\n")
+    return "".join(out)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    fmt = args.format or probe_format(args.file)
+    if fmt != "qcow2":
+        if fmt == "raw":
+            print("nbdqcow: This image format does not support checks", file=sys.stderr)
+            return EXIT_NOT_SUPPORTED
+        raise ImageOpenError(f"unknown format '{fmt}' (use raw or qcow2)")
+    try:
+        file = HostFile(args.file, writable=args.repair is not None)
+    except OSError as e:
+        raise ImageOpenError(f"Could not open '{args.file}': {e.strerror}") from None
+    try:
+        res = check_file(file, args.file, args.repair)
+    finally:
+        file.close()
+    for line in res.messages:
+        print(line, file=sys.stderr)
+    if res.failure:
+        print(f"nbdqcow: Check failed: {res.failure}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        sys.stdout.write(to_json(qemu_order(res.to_dict())) + "\n")
+    elif not args.quiet:
+        sys.stdout.write(human_report(res, bool(res.leaks_fixed or res.corruptions_fixed)))
+    return res.exit_code
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("check", help="check (and repair) an image (qemu-img check)")
+    p.add_argument("-r", "--repair", choices=("leaks", "all"),
+                   help="repair leaked clusters, or everything that can be repaired")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-f", "--format", choices=("raw", "qcow2"),
+                   help="image format (probed when absent)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=run_check)
