@@ -538,9 +538,9 @@ def create_image(
             raise CreateError("Image creation needs a size parameter")
         prealloc = _choice("preallocation", given.get("preallocation", "off"),
                            PREALLOC_MODES)
-        size = _ceil(size, L.SECTOR) * L.SECTOR
-        if announce:
+        if announce:  # qemu-img shows the size as given, before rounding
             announce(formatting_line(path, fmt, size, given))
+        size = _ceil(size, L.SECTOR) * L.SECTOR
         create_raw(path, size, prealloc)
         return size
     if fmt != "qcow2":
@@ -556,9 +556,9 @@ def create_image(
             size = bsize
     if size is None:
         raise CreateError("Image creation needs a size parameter")
-    size = _ceil(size, L.SECTOR) * L.SECTOR
     if announce:
         announce(formatting_line(path, fmt, size, given))
+    size = _ceil(size, L.SECTOR) * L.SECTOR
     create_qcow2(path, size, opts)
     return size
 

@@ -280,6 +280,8 @@ def human_lines(info: Info, snaps: list[Snapshot], fmt_size: Callable[[int], str
              f"disk size: {fmt_size(info['actual-size'])}"]
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
     if "backing-filename" in info:
         line = f"backing file: {info['backing-filename']}"
         if info["full-backing-filename"] != info["backing-filename"]:
