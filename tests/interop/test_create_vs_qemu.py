@@ -96,7 +96,7 @@ def valid(c: dict[str, str]) -> bool:
 
 def all_pairs() -> list[Combo]:
     """A deterministic greedy cover of every pair of values that some valid combo has."""
-    combos = [c for c in itertools.product(*DIMS.values()) if valid(dict(zip(NAMES, c)))]
+    combos = [c for c in itertools.product(*DIMS.values()) if valid(dict(zip(NAMES, c, strict=True)))]
     idx = list(itertools.combinations(range(len(NAMES)), 2))
 
     def pairs(c: Combo) -> set[tuple[int, int, str, str]]:
@@ -124,7 +124,7 @@ SHORT = {"compat": "v", "cluster_size": "cs", "refcount_bits": "rb", "lazy_refco
 
 
 def combo_id(c: Combo) -> str:
-    d = dict(zip(NAMES, c))
+    d = dict(zip(NAMES, c, strict=True))
     return ",".join(f"{SHORT[k]}={v}" for k, v in d.items() if v not in ("none", "off"))
 
 
@@ -214,7 +214,7 @@ def holes(path: Path, start: int, end: int) -> list[int]:
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("combo", PAIRWISE, ids=[combo_id(c) for c in PAIRWISE])
 def test_created_image(tmp_path: Path, combo: Combo) -> None:
-    c = dict(zip(NAMES, combo))
+    c = dict(zip(NAMES, combo, strict=True))
     qdir, ndir = tmp_path / "qemu", tmp_path / "ours"
     qdir.mkdir()
     ndir.mkdir()
