@@ -637,18 +637,42 @@ def test_random_mutation(name: str, hostile_bases: dict[str, Base], tmp_path: Pa
 CLI_CASES = [c.name for c in CASES if c.expect in ("refuse", "unsupported")]
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nbdqcow", *args], capture_output=True, text=True, timeout=20,
+        env={**os.environ, "PYTHONFAULTHANDLER": "0"},
+    )
+
+
+def assert_clean_cli(proc: subprocess.CompletedProcess[str], must_fail: bool) -> None:
+    """Exit 0, or exit 1 with exactly one line on stderr; never a traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if must_fail or proc.returncode != 0:
+        assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].strip(), f"want one line on stderr: {proc.stderr!r}"
+
+
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_cli_info_one_line_error(
     name: str, hostile_bases: dict[str, Base], tmp_path: Path
 ) -> None:
+    """``nbdqcow info`` describes the header like ``qemu-img info`` (which opens neither the
+    backing chain nor the L1 table): where qemu-img info fails it must fail with one line;
+    elsewhere it may describe the image or fail with one line."""
     path = make_case(ALL_CASES[name], hostile_bases, tmp_path)
     shas = {p.name: file_sha(p) for p in tmp_path.iterdir()}
-    proc = subprocess.run(
-        [sys.executable, "-m", "nbdqcow", "info", str(path)], capture_output=True, text=True,
-        timeout=20, env={**os.environ, "PYTHONFAULTHANDLER": "0"},
-    )
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), f"want one line on stderr: {proc.stderr!r}"
+    qemu = imagegen.qemu_img("info", str(path), check=False)
+    assert_clean_cli(run_cli("info", str(path)), must_fail=qemu.returncode != 0)
+    assert {p.name: file_sha(p) for p in tmp_path.iterdir()} == shas
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_cli_map_one_line_error(
+    name: str, hostile_bases: dict[str, Base], tmp_path: Path
+) -> None:
+    """``nbdqcow map`` opens the image like the engine does: these images are refused."""
+    path = make_case(ALL_CASES[name], hostile_bases, tmp_path)
+    shas = {p.name: file_sha(p) for p in tmp_path.iterdir()}
+    assert_clean_cli(run_cli("map", "--output=json", str(path)), must_fail=True)
     assert {p.name: file_sha(p) for p in tmp_path.iterdir()} == shas
