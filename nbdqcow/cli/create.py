@@ -59,6 +59,7 @@ def run_create(args: argparse.Namespace) -> int:
         create_image(
             args.file, size, fmt, opts, backing_file=args.backing,
             backing_fmt=args.backing_format, check_backing=not args.unsafe,
+            require_backing_fmt=True,
             announce=None if args.quiet else (lambda line: print(line, flush=True)),
         )
     except CreateError as e:

@@ -510,12 +510,15 @@ def create_image(
     backing_fmt: str | None = None,
     *,
     check_backing: bool = True,
+    require_backing_fmt: bool = False,
     announce: Callable[[str], None] | None = None,
 ) -> int:
     """Create ``path``; returns the virtual size.  ``options`` are qemu-img ``-o`` strings.
 
-    ``size`` None takes the backing file's size.  ``announce`` receives the
-    "Formatting ..." line before the file is written.
+    ``size`` None takes the backing file's size.  A backing file without a format is
+    probed, unless ``require_backing_fmt`` (qemu-img's rule, used by the CLI) makes that
+    an error.  ``check_backing`` False skips opening the backing file (qemu-img -u).
+    ``announce`` receives the "Formatting ..." line before the file is written.
     """
     given = dict(options or {})
     if backing_file is not None:
@@ -545,12 +548,16 @@ def create_image(
         return size
     if fmt != "qcow2":
         raise CreateError(f"Unknown file format '{fmt}'")
-    opts = parse_qcow2_options(given)
-    if opts.backing_file and check_backing:
-        if opts.backing_fmt is None:
-            detected = probe_backing_format(path, opts.backing_file)
+    if given.get("backing_file") and not given.get("backing_fmt") and (
+            check_backing or require_backing_fmt):
+        detected = probe_backing_format(path, given["backing_file"])
+        if require_backing_fmt:
             raise CreateError("Backing file specified without backing format "
                               f"(detected format of {detected})")
+        given["backing_fmt"] = detected
+    opts = parse_qcow2_options(given)
+    if opts.backing_file and check_backing:
+        assert opts.backing_fmt is not None
         bsize = backing_size(path, opts.backing_file, opts.backing_fmt)
         if size is None:
             size = bsize

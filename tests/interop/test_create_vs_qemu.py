@@ -67,7 +67,7 @@ def nbdqcow(*args: str, cwd: Path) -> tuple[int, str, str]:
 DIMS: dict[str, tuple[str, ...]] = {
     "compat": ("0.10", "1.1"),
     "cluster_size": ("512", "4k", "64k", "2M"),
-    "refcount_bits": ("1", "16", "64"),
+    "refcount_bits": ("1", "4", "16", "64"),
     "lazy_refcounts": ("off", "on"),
     "extended_l2": ("off", "on"),
     "compression_type": ("zlib", "zstd"),
@@ -299,6 +299,7 @@ OFF_CASES = [
     ("extended_l2=on,compression_type=zstd,lazy_refcounts=on,cluster_size=16k", "1M"),
     ("data_file=d.raw", "1M"), ("data_file=d.raw,data_file_raw=on", "1M"),
     ("compat=v2", "1000"), ("refcount_bits=2,cluster_size=1k", "20G"),
+    ("refcount_bits=4,cluster_size=2k", "30G"), ("refcount_bits=32,cluster_size=512", "2G"),
 ]
 
 
@@ -359,6 +360,22 @@ def test_invalid_options_rejected_like_qemu(tmp_path: Path, opts: str) -> None:
     assert rc == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "n.qcow2").exists()
+
+
+def test_api_probes_backing_format(tmp_path: Path) -> None:
+    from nbdqcow.qcow2.create import create_image
+    from nbdqcow.qcow2.info import image_info
+
+    run("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "3M", cwd=tmp_path)
+    top = str(tmp_path / "top.qcow2")
+    assert create_image(top, None, "qcow2", None, str(tmp_path / "base.qcow2")) == 3 << 20
+    info = image_info(top)
+    assert info["backing-filename-format"] == "qcow2" and info["virtual-size"] == 3 << 20
+    assert_check_clean(top, tmp_path)
+    # qemu-img's rule on the command line: -b needs -F
+    rc, _, err = nbdqcow("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "x.qcow2",
+                         cwd=tmp_path)
+    assert rc == 1 and "without backing format" in err
 
 
 def test_missing_size_and_bad_size(tmp_path: Path) -> None:
