@@ -80,17 +80,17 @@ def extents(drv: BlockDriver, chunk: int = CHUNK) -> Iterator[MapEntry]:
 
 def merge(entries: Iterable[MapEntry], human: bool = False) -> Iterator[MapEntry]:
     """Join entries the way qemu-img map does.  The human format ignores the difference
-    between hole, zero and zero+data, so it treats every run that is not plain data as
-    a hole before merging."""
+    between hole, zero and zero+data: once an entry has been output, the one that
+    follows it is turned into a plain hole when it is not plain data."""
     cur: MapEntry | None = None
     for nxt in entries:
-        if human and cur is not None and (not nxt.data or nxt.zero):
-            nxt.data, nxt.zero = False, True
         if cur is not None and cur.mergeable(nxt):
             cur.length += nxt.length
             continue
         if cur is not None:
             yield cur
+            if human and (not nxt.data or nxt.zero):
+                nxt.data, nxt.zero = False, True
         cur = nxt
     if cur is not None:
         yield cur
