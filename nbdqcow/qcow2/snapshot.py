@@ -43,7 +43,7 @@ class Snapshot:
     # from the extra data; None when the entry's extra data is too short to hold it
     disk_size: int | None = None
     icount: int | None = None
-    # the raw extra data beyond what this codec knows (kept on re-encoding)
+    # extra data bytes this codec does not interpret (kept on re-encoding)
     extra_unknown: bytes = b""
     # the 32-bit vm_state_size field as stored (kept for byte-exact re-encoding)
     vm_state_size32: int | None = None
@@ -92,7 +92,8 @@ def parse_entry(buf: bytes | memoryview, pos: int = 0) -> tuple[Snapshot, int]:
     snap = Snapshot(
         l1_table_offset=l1_off, l1_size=l1_size, id_str=id_str, name=name,
         date_sec=dsec, date_nsec=dnsec, vm_clock_nsec=clock, vm_state_size=vmsize,
-        disk_size=disk_size, icount=icount, extra_unknown=extra[EXTRA_KNOWN:],
+        disk_size=disk_size, icount=icount,
+        extra_unknown=extra[min(extra_size, EXTRA_KNOWN) // 8 * 8 :],
         vm_state_size32=vmsize32, extra_data_size=extra_size,
     )
     return snap, _pad8(end)
@@ -117,7 +118,9 @@ def encode_entry(s: Snapshot) -> bytes:
         ">QQQ", s.vm_state_size, s.disk_size or 0,
         ICOUNT_NONE if s.icount is None else s.icount,
     )
-    extra = (known + s.extra_unknown)[:extra_size].ljust(extra_size, b"\0")
+    # the known fields the entry has room for, then the bytes this codec does not know
+    n_known = max(0, extra_size - len(s.extra_unknown))
+    extra = (known[:n_known].ljust(n_known, b"\0") + s.extra_unknown)[:extra_size]
     vmsize32 = s.vm_state_size32
     if vmsize32 is None:
         vmsize32 = s.vm_state_size if s.vm_state_size < (1 << 32) else 0

@@ -66,7 +66,9 @@ def test_short_extra_data_v2_style() -> None:
     assert encode_entry(snap) == raw
 
 
-@pytest.mark.parametrize("extra", [b"", extra24(1, 2, 3)[:16], extra24(1, 2, 3),
+@pytest.mark.parametrize("extra", [b"", b"\1\2\3\4", extra24(1, 2, 3)[:16],
+                                   extra24(1, 2, 3)[:12] + b"odd!", extra24(1, 2, 3),
+                                   extra24(1, 2, 3)[:20] + b"tail",
                                    extra24(1, 2, 3) + b"future-bytes!!!!"])
 def test_round_trip_is_byte_exact(extra: bytes) -> None:
     entries = [raw_entry(0x10000 * (i + 1), i, str(i).encode(), f"name-{i}".encode() * i,
