@@ -439,7 +439,8 @@ def create_qcow2(path: str, size: int, o: Qcow2Options) -> None:
     header = build_header(size, o, plan)
     hdr = encode_header(header)
     if o.data_file:
-        df = _create_file(_resolve(path, o.data_file))
+        # like qemu-img, a relative data file name is relative to the working directory
+        df = _create_file(o.data_file)
         try:
             mode = o.preallocation if o.preallocation in ("falloc", "full") else "off"
             _fill(df, mode, 0, size)

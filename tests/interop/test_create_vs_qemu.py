@@ -543,3 +543,15 @@ def test_info_on_broken_tables_fails_cleanly(tmp_path: Path, damage: str) -> Non
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     # (qemu-img 7.2 is laxer here: it lists zero-filled entries read past the end of
     # the file; nbdqcow refuses such a table with one line)
+
+
+def test_data_file_path_like_qemu(tmp_path: Path) -> None:
+    """qemu-img creates a relative data_file relative to the working directory."""
+    for d in ("q", "n"):
+        (tmp_path / d / "sub").mkdir(parents=True)
+    args = ["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw", "sub/x.qcow2", "1M"]
+    run("qemu-img", *args, cwd=tmp_path / "q")
+    assert nbdqcow(*args, cwd=tmp_path / "n")[0] == 0
+    files = [sorted(str(p.relative_to(tmp_path / d)) for p in (tmp_path / d).rglob("*"))
+             for d in ("q", "n")]
+    assert files[0] == files[1] == ["d.raw", "sub", "sub/x.qcow2"]
