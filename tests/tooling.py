@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -17,3 +24,103 @@ def require_tool(name: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+# --- servers (used by tests/conftest.py fixtures) ----------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this checkout first on PYTHONPATH, /usr/bin first
+    on PATH (libnbd's nbdsh runs `python3 -m nbd` and needs Debian's python3)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PATH"] = "/usr/bin:/usr/sbin:/bin:/sbin:" + env.get("PATH", "")
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    """A running server process and how to reach it."""
+
+    proc: subprocess.Popen[bytes]
+    uri: str
+    socket: Path | None
+    port: int | None
+    log: Path
+    name: str = ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], sock: Path | None, port: int | None,
+                log: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early ({proc.returncode}): {log.read_text()[-2000:]}")
+        if sock is not None and sock.exists():
+            return
+        if port is not None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                pass
+        time.sleep(0.02)
+    pytest.fail(f"server not ready after {timeout}s: {log.read_text()[-2000:]}")
+
+
+ServerFactory = Callable[..., Served]
+
+
+def _factory(tmp_path: Path, base_cmd: Callable[[], list[str]]) -> Iterator[ServerFactory]:
+    started: list[Served] = []
+
+    def start(image: str | os.PathLike[str], *args: str, tcp: bool = False,
+              name: str = "", wait: bool = True) -> Served:
+        n = len(started)
+        log = tmp_path / f"server{n}.log"
+        sock: Path | None = None
+        port: int | None = None
+        cmd = base_cmd()
+        if tcp:
+            port = free_port()
+            cmd += ["-b", "127.0.0.1", "-p", str(port)]
+            uri = f"nbd://127.0.0.1:{port}/{name}"
+        else:
+            sock = tmp_path / f"nbd{n}.sock"
+            cmd += ["-k", str(sock)]
+            uri = f"nbd+unix:///{name}?socket={sock}"
+        if name:
+            cmd += ["-x", name]
+        cmd += [*args, str(image)]
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=repo_env())
+        served = Served(proc, uri, sock, port, log, name)
+        started.append(served)
+        if wait:
+            _wait_ready(proc, sock, port, log)
+        return served
+
+    try:
+        yield start
+    finally:
+        for s in started:
+            s.stop()

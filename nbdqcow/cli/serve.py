@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace, export: Export, listeners: list[socket.sock
             os.write(ready_fd, b"1")
             os.close(ready_fd)
             devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1):
+            for fd in (0, 1) if args.verbose else (0, 1, 2):
                 os.dup2(devnull, fd)
             os.close(devnull)
 

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -32,12 +33,18 @@ def unix_listener(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.unlink(path)
+    # bind a temporary name and rename it once listening: a client never sees a
+    # socket file that refuses connections
+    tmp = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        sock.bind(tmp)
         sock.listen(128)
+        os.rename(tmp, path)
     except OSError as e:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise ListenError(f"cannot listen on {path}: {e.strerror}") from None
     return sock
 
@@ -162,7 +169,7 @@ class NbdServer:
                 srv = await loop.create_unix_server(lambda: NbdProtocol(self), sock=sock)
                 name = sock.getsockname()
                 if isinstance(name, str) and name:
-                    self.unix_paths.append(name)
+                    self.unix_paths.append(re.sub(r"\.\d+\.tmp$", "", name))
             else:
                 srv = await loop.create_server(lambda: NbdProtocol(self), sock=sock)
             self.servers.append(srv)
