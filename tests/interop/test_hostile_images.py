@@ -4,7 +4,8 @@ either refuse to open it with a one-line nbdqcow error, or open it and then read
 wholly or fail with an nbdqcow error; a read-only open never changes the file.
 
 Each case runs in a forked child under ``RLIMIT_AS`` (so an absurd size field that makes
-the engine allocate a huge table fails the test instead of the machine) and a timeout.
+the engine allocate a huge table fails the test instead of the machine), ``RLIMIT_CPU``
+(5 s of CPU for open + read) and a wall-clock timeout against blocking hangs.
 Expectations per case:
 
 - ``ok``: must open and read exactly what qemu reads from the undamaged image (controls:
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import random
 import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -36,7 +38,8 @@ import imagegen
 import pytest
 
 MiB = 1024 * 1024
-CASE_TIMEOUT = 5.0  # seconds per case: open + read
+CASE_CPU_SECONDS = 5  # CPU time per case (open + read), enforced with RLIMIT_CPU
+CASE_WALL_TIMEOUT = 30.0  # wall clock per case: catches blocking hangs on a loaded machine
 AS_HEADROOM = 768 * MiB  # address space the child may add to what it has at fork
 FULL_READ_LIMIT = 16 * MiB  # larger (claimed) sizes are sampled, not read wholly
 OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00  # L1/L2 host offset bits 9-55
@@ -493,6 +496,9 @@ def _describe(e: BaseException) -> dict[str, Any]:
 def _child(path: str, conn: Connection) -> None:
     limit = _vm_size() + AS_HEADROOM
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # a forked child starts with zero CPU time: SIGXCPU kills it after CASE_CPU_SECONDS
+    resource.setrlimit(resource.RLIMIT_CPU, (CASE_CPU_SECONDS, CASE_CPU_SECONDS + 1))
     result: dict[str, Any]
     try:
         from nbdqcow.block.open import open_image
@@ -538,12 +544,15 @@ def run_case(path: Path) -> dict[str, Any]:
     proc.start()
     child.close()
     try:
-        if not parent.poll(CASE_TIMEOUT):
-            pytest.fail(f"open + read of {path.name} took more than {CASE_TIMEOUT} s (hang?)")
+        if not parent.poll(CASE_WALL_TIMEOUT):
+            pytest.fail(f"open + read of {path.name} blocked for {CASE_WALL_TIMEOUT} s (hang)")
         try:
             result: dict[str, Any] = parent.recv()
         except EOFError:
-            proc.join(2)
+            proc.join(5)
+            if proc.exitcode == -signal.SIGXCPU:
+                pytest.fail(f"open + read of {path.name} used more than {CASE_CPU_SECONDS} s "
+                            "of CPU (unbounded work?)")
             pytest.fail(f"the engine died reading {path.name} (exit code {proc.exitcode})")
         return result
     finally:
@@ -639,7 +648,7 @@ CLI_CASES = [c.name for c in CASES if c.expect in ("refuse", "unsupported")]
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nbdqcow", *args], capture_output=True, text=True, timeout=20,
+        [sys.executable, "-m", "nbdqcow", *args], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONFAULTHANDLER": "0"},
     )
 
