@@ -119,6 +119,7 @@ class _Walk:
         self.file_size = file.size()
         self.ref = array("Q", bytes(8 * self.geo.size_to_clusters(self.file_size)))
         self.rebuild = False
+        self.outside = False
         self.refblock_errors = 0
 
     def msg(self, text: str) -> None:
@@ -216,10 +217,9 @@ class _Walk:
                     res.fragmented_clusters += 1
                 next_contiguous = host + self.cs
             if host & (self.cs - 1):
-                self.msg(f"ERROR offset={host:x}: Cluster is not properly aligned; "
+                self.msg(f"ERROR offset={host:x}: Data cluster is not properly aligned; "
                          "L2 entry corrupted.")
                 res.corruptions += 1
-                continue
             if not data_file:
                 self.inc(host, self.cs)
 
@@ -284,7 +284,7 @@ class _Walk:
                 self.msg(f"ERROR refcount block {i} is outside image")
                 self.res.corruptions += 1
                 self.refblock_errors += 1
-                self.rebuild = True
+                self.outside = True  # a rebuild only when repairing errors
                 continue
             if e:
                 self.inc(e, self.cs)
@@ -410,7 +410,13 @@ def _compare(
 def _check_copied(
     file: HostFile, header: Header, geo: Geometry, stored: _Stored, fix: int, res: CheckResult
 ) -> None:
-    """COPIED must be set exactly when the stored refcount is 1 (active L1 and L2)."""
+    """COPIED must be set exactly when the stored refcount is 1 (active L1 and L2).
+
+    Repaired with ``FIX_ERRORS``; with ``FIX_LEAKS`` alone only when nothing else is
+    wrong any more (the stored refcounts are then known to be right), as qemu-img does.
+    """
+    repair = bool(fix & FIX_ERRORS) or (
+        bool(fix & FIX_LEAKS) and not (res.check_errors or res.corruptions or res.leaks))
     l1 = load_u64(file.pread(header.l1_size * 8, header.l1_table_offset))
     l1_dirty = False
     cs = geo.cluster_size
@@ -422,10 +428,10 @@ def _check_copied(
             continue
         rc = stored.get(l2off >> geo.cluster_bits)
         if rc is not None and (rc == 1) != bool(e & L.QCOW_OFLAG_COPIED):
-            word = "Repairing" if fix & FIX_ERRORS else "ERROR"
+            word = "Repairing" if repair else "ERROR"
             res.messages.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
                                 f"l1_entry={e:x} refcount={rc}")
-            if fix & FIX_ERRORS:
+            if repair:
                 l1[i] = e | L.QCOW_OFLAG_COPIED if rc == 1 else e & ~L.QCOW_OFLAG_COPIED
                 l1_dirty = True
                 res.corruptions_fixed += 1
@@ -452,10 +458,10 @@ def _check_copied(
                     continue
             if (rc == 1) == bool(ent & L.QCOW_OFLAG_COPIED):
                 continue
-            word = "Repairing" if fix & FIX_ERRORS else "ERROR"
+            word = "Repairing" if repair else "ERROR"
             res.messages.append(f"{word} OFLAG_COPIED data cluster: l2_entry={ent:x} "
                                 f"refcount={rc}")
-            if fix & FIX_ERRORS:
+            if repair:
                 table[j] = ent | L.QCOW_OFLAG_COPIED if rc == 1 else ent & ~L.QCOW_OFLAG_COPIED
                 dirty = True
                 res.corruptions_fixed += 1
@@ -484,7 +490,7 @@ def _one_pass(file: HostFile, header: Header, fix: int, res: CheckResult) -> Hea
     walk = _Walk(file, header, res)
     walk.count_all(stored.table)
     highest, zero_seen = _compare(walk, stored, 0, _scratch := CheckResult(res.filename))
-    rebuild = walk.rebuild or zero_seen
+    rebuild = walk.rebuild or zero_seen or (walk.outside and bool(fix & FIX_ERRORS))
     if fix & FIX_ERRORS and rebuild:
         res.messages.extend(_scratch.messages)
         res.messages.append("Rebuilding refcount structure")

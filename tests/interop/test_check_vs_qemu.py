@@ -245,6 +245,21 @@ def test_refcount_too_low_shared(tmp_path: Path, qemu_tools: None) -> None:
     assert Raw(path).refcount(shared) == 2
 
 
+def repair_like_qemu(path: Path, mode: str) -> tuple[int, int]:
+    """Repair a copy with qemu-img and the image with nbdqcow: same exit codes, and the
+    same verdict of qemu-img check afterwards.  Returns (exit code, verdict)."""
+    copy = path.with_name("qemu-repaired.qcow2")
+    shutil.copy(path, copy)
+    q = imagegen.qemu_img("check", "-r", mode, str(copy), check=False)
+    ours = nbdqcow("check", "-r", mode, str(path))
+    assert "Traceback" not in ours.stderr, ours.stderr
+    assert ours.returncode == q.returncode, (ours.stdout, ours.stderr, q.stdout, q.stderr)
+    verdict = qemu_check(path)[0]
+    assert verdict == qemu_check(copy)[0]
+    copy.unlink()
+    return ours.returncode, verdict
+
+
 def test_wrong_copied_flags(tmp_path: Path, qemu_tools: None) -> None:
     path = written(tmp_path)
     raw = Raw(path)
@@ -252,12 +267,64 @@ def test_wrong_copied_flags(tmp_path: Path, qemu_tools: None) -> None:
         raw.set_l2_entry(g, raw.l2_entry(g) & ~COPIED)
     want = assert_same_check(path)
     assert want["corruptions"] == 3
-    rc, got = our_check(path, "-r", "leaks")  # COPIED is not a leak: still corrupt
-    assert rc == 2 and got["corruptions"] == 3
+    backup = tmp_path / "backup.qcow2"
+    shutil.copy(path, backup)
+    # with nothing else wrong, even -r leaks repairs COPIED flags (qemu-img does)
+    assert repair_like_qemu(path, "leaks") == (0, 0)
+    shutil.copy(backup, path)
     rc, got = our_check(path, "-r", "all")
     assert rc == 0 and got.get("corruptions-fixed") == 3
     assert qemu_check(path)[0] == 0
     assert Raw(path).l2_entry(1 * MiB) & COPIED
+
+
+def test_wrong_copied_flags_with_corruption(tmp_path: Path, qemu_tools: None) -> None:
+    path = written(tmp_path)
+    raw = Raw(path)
+    raw.set_l2_entry(1 * MiB, raw.l2_entry(1 * MiB) & ~COPIED)
+    raw.set_l2_entry(0, raw.l2_entry(0) | (1 << 57))  # reserved bit: not repairable
+    assert assert_same_check(path)["corruptions"] == 2
+    assert repair_like_qemu(path, "leaks") == (2, 2)  # COPIED left alone
+    assert not Raw(path).l2_entry(1 * MiB) & COPIED
+    assert repair_like_qemu(path, "all") == (2, 2)  # COPIED fixed, the bit remains
+    assert Raw(path).l2_entry(1 * MiB) & COPIED
+
+
+def test_refblock_outside_image(tmp_path: Path, qemu_tools: None) -> None:
+    path = written(tmp_path)
+    raw = Raw(path)
+    raw._put(raw.rt_offset + 8, struct.pack(">Q", 1 << 30))
+    assert assert_same_check(path)["corruptions"] == 1
+    assert repair_like_qemu(path, "leaks") == (2, 2)
+    assert repair_like_qemu(path, "all") == (0, 0)
+
+
+def test_refblock_unaligned(tmp_path: Path, qemu_tools: None) -> None:
+    path = written(tmp_path)
+    raw = Raw(path)
+    raw._put(raw.rt_offset + 8, struct.pack(">Q", 0x10200))
+    assert assert_same_check(path)["corruptions"] == 1
+    assert repair_like_qemu(path, "leaks") == (1, 2)  # "need to rebuild": check failed
+    assert repair_like_qemu(path, "all") == (0, 0)
+
+
+def test_data_cluster_overlaps_l2_table(tmp_path: Path, qemu_tools: None) -> None:
+    path = written(tmp_path)
+    raw = Raw(path)
+    l2 = raw._u64(raw.l1_offset) & OFF_MASK
+    raw.set_l2_entry(1 * MiB, COPIED | l2)
+    want = assert_same_check(path)
+    assert want["corruptions"] == 1 and want["leaks"] == 1
+    assert repair_like_qemu(path, "leaks") == (2, 2)
+
+
+def test_unaligned_and_past_eof_entries(tmp_path: Path, qemu_tools: None) -> None:
+    path = written(tmp_path)
+    raw = Raw(path)
+    raw.set_l2_entry(1 * MiB, raw.l2_entry(1 * MiB) + 4096)
+    raw.set_l2_entry(64 * 1024, COPIED | (100 * MiB))
+    want = assert_same_check(path)
+    assert want["corruptions"] >= 3
 
 
 def test_fragmented_after_cluster_swap(tmp_path: Path, qemu_tools: None) -> None:
