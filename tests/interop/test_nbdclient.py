@@ -14,6 +14,7 @@ import json
 import os
 import random
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdqcow.errors import RemoteError
+from nbdqcow.errors import RemoteError, RemoteProtocolError
 from nbdqcow.nbd.constants import (
     BASE_ALLOCATION,
     QEMU_ALLOCATION_DEPTH,
@@ -252,6 +253,8 @@ def test_extended_headers_optional(kind: str, image: Path, start_server: ServerF
         c = await connect(srv.uri, extended=True, meta_contexts=CONTEXTS[:1])
         try:
             assert c.structured
+            # qemu-nbd 7.2 does not speak extended headers; nbdqcow does
+            assert c.extended == (kind == "nbdqcow")
             data = await c.pread(MiB - 4096, 8192)
             assert data == bytes(4096) + b"\xab" * 4096
             status = await c.block_status(0, 4 * MiB)
@@ -520,5 +523,164 @@ def test_disconnect_waits_for_in_flight(
         assert b"".join(results) == bytes(_model()[: 32 * 65536])
         with pytest.raises(ConnectionError):
             await c.pread(0, 512)
+
+    _run(go())
+
+
+@pytest.mark.parametrize("kind", [p for p in SERVERS if p != "qemu-nbd"])
+def test_extended_headers_64bit_lengths(
+    kind: str, tmp_path: Path, start_server: ServerFactory
+) -> None:
+    """With extended headers a single WRITE_ZEROES / TRIM / BLOCK_STATUS spans > 4 GiB."""
+    big = tmp_path / "big.qcow2"
+    gib = 1 << 30
+    _qemu_img("create", "-f", "qcow2", str(big), str(8 * gib))
+    _qemu_io(big, "qcow2", "write -P 0x61 1G 64k", "write -P 0x62 6G 64k")
+    srv = start_server(kind, big, "qcow2", "--discard=unmap")
+
+    async def go() -> None:
+        c = await connect(srv.uri, extended=True)
+        try:
+            assert c.extended and c.size == 8 * gib
+            assert await c.pread(gib, 4) == b"aaaa"
+            await c.write_zeroes(0, 5 * gib)  # length needs more than 32 bits
+            assert await c.pread(gib, 65536) == bytes(65536)
+            assert await c.pread(6 * gib, 4) == b"bbbb"
+            status = await c.block_status(0, 8 * gib)
+            extents = status[BASE_ALLOCATION]
+            assert extents[0][1] & StateFlag.ZERO
+            covered, pos = 0, 0
+            for length, flags in extents:
+                if pos <= 6 * gib < pos + length:
+                    assert not flags & StateFlag.ZERO  # the data at 6 GiB is not zero
+                pos += length
+                covered += length
+            assert covered > 0
+            await c.trim(0, 6 * gib + 65536)
+            await c.flush()
+        finally:
+            await c.disconnect()
+
+    _run(go())
+
+
+# --- a scripted server: out-of-order replies, chunk splitting, violations ----------------------
+async def _scripted_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size: int
+) -> None:
+    """Minimal fixed-newstyle server side, written from doc/proto.md with plain struct."""
+    writer.write(b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", 3))
+    await reader.readexactly(4)
+    while True:
+        _, opt, length = struct.unpack(">QII", await reader.readexactly(16))
+        await reader.readexactly(length)
+
+        def rep(kind: int, data: bytes = b"", opt: int = opt) -> None:
+            writer.write(struct.pack(">QIII", 0x3E889045565A9, opt, kind, len(data)) + data)
+
+        if opt == 8:  # STRUCTURED_REPLY
+            rep(1)
+        elif opt == 10:  # SET_META_CONTEXT: context id 7 for base:allocation
+            rep(4, struct.pack(">I", 7) + b"base:allocation")
+            rep(1)
+        elif opt == 7:  # GO
+            rep(3, struct.pack(">HQH", 0, size, 1 | 4 | 8))
+            rep(1)
+            return
+        else:
+            rep((1 << 31) + 1)
+
+
+def _chunk(flags: int, rtype: int, cookie: int, payload: bytes) -> bytes:
+    return struct.pack(">IHHQI", 0x668E33EF, flags, rtype, cookie, len(payload)) + payload
+
+
+async def _serve_script(path: Path, script: Callable[..., object]) -> asyncio.Server:
+    """A unix-socket server that handshakes, then runs ``script(reader, writer)``."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await _scripted_handshake(r, w, MiB)
+            await script(r, w)  # type: ignore[misc]
+            await w.drain()
+        finally:
+            w.close()
+
+    return await asyncio.start_unix_server(handle, str(path))
+
+
+def _read_requests(n: int) -> Callable[[asyncio.StreamReader], object]:
+    async def read(reader: asyncio.StreamReader) -> list[tuple[int, int, int, int]]:
+        out = []
+        for _ in range(n):
+            _, _, cmd, cookie, off, length = struct.unpack(">IHHQQI", await reader.readexactly(28))
+            out.append((cmd, cookie, off, length))
+        return out
+
+    return read
+
+
+def test_scripted_out_of_order_chunks_matched_by_cookie(tmp_path: Path) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        reqs = await _read_requests(4)(r)  # type: ignore[misc]
+        (_, c1, o1, n1), (_, c2, o2, n2), (_, c3, _, _), (_, c4, _, _) = reqs
+        # replies in reverse order, chunks of one read interleaved with another's
+        w.write(_chunk(1, 5, c4, struct.pack(">IIIII", 7, 4096, 3, 8192, 0)))  # block status
+        w.write(_chunk(0, 1, c2, struct.pack(">Q", o2 + 4) + b"B" * (n2 - 4)))
+        w.write(_chunk(0, (1 << 15) + 1, c3, struct.pack(">IH", 5, 3) + b"bad"))
+        w.write(_chunk(0, 2, c1, struct.pack(">QI", o1 + n1 // 2, n1 // 2)))  # second half hole
+        w.write(_chunk(1, 1, c2, struct.pack(">Q", o2) + b"AAAA"))
+        w.write(_chunk(1, 0, c3, b""))
+        w.write(_chunk(1, 1, c1, struct.pack(">Q", o1) + b"x" * (n1 // 2)))
+        await asyncio.sleep(0.1)
+
+    async def go() -> None:
+        sock = tmp_path / "scripted.sock"
+        server = await _serve_script(sock, script)
+        c = await connect(f"nbd+unix:///?socket={sock}")
+        t1 = asyncio.ensure_future(c.pread(0, 1024))
+        t2 = asyncio.ensure_future(c.pread(4096, 512))
+        t3 = asyncio.ensure_future(c.pread(8192, 512))
+        t4 = asyncio.ensure_future(c.block_status(0, 12288))
+        assert await t1 == b"x" * 512 + bytes(512)
+        assert await t2 == b"AAAA" + b"B" * 508
+        with pytest.raises(RemoteError) as info:
+            await t3
+        assert info.value.code == errno.EIO and "bad" in str(info.value)
+        assert await t4 == {BASE_ALLOCATION: [(4096, 3), (8192, 0)]}
+        await c.close()
+        server.close()
+
+    _run(go())
+
+
+@pytest.mark.parametrize("violation", ["unknown-cookie", "overlap", "bad-magic"])
+def test_scripted_protocol_violations(tmp_path: Path, violation: str) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ((_, c1, o1, _), (_, c2, _, _)) = await _read_requests(2)(r)  # type: ignore[misc]
+        if violation == "unknown-cookie":
+            w.write(_chunk(1, 0, 0xFFFF, b""))
+        elif violation == "overlap":
+            w.write(_chunk(0, 1, c1, struct.pack(">Q", o1) + b"a" * 300))
+            w.write(_chunk(1, 2, c1, struct.pack(">QI", o1 + 200, 312)))
+            w.write(_chunk(1, 0, c2, b""))
+        else:
+            w.write(struct.pack(">IIQ", 0x12345678, 0, c1))
+        await asyncio.sleep(0.1)
+
+    async def go() -> None:
+        sock = tmp_path / "scripted.sock"
+        server = await _serve_script(sock, script)
+        c = await connect(f"nbd+unix:///?socket={sock}")
+        results = await asyncio.gather(c.pread(0, 512), c.flush(), return_exceptions=True)
+        if violation == "overlap":
+            # only the broken reply fails; the connection stays usable for the rest
+            assert isinstance(results[0], RemoteProtocolError) and results[1] is None
+        else:
+            assert all(isinstance(x, RemoteProtocolError) for x in results), results
+            with pytest.raises(ConnectionError):
+                await c.pread(0, 512)
+        await c.close()
+        server.close()
 
     _run(go())
