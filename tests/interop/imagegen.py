@@ -241,7 +241,7 @@ def _chain_ext_l2(d: Path) -> Path:
 
 def _compressed(compression: str, cluster: int) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
-        size = 4 * MiB
+        size = max(4 * MiB, 10 * cluster)
         src = d / "src.raw"
         # mix of compressible patterns, incompressible random data, zeros, partial units
         buf = bytearray(size)
@@ -289,6 +289,41 @@ def _data_file(raw: bool) -> Callable[[Path], Path]:
     return build
 
 
+def _chain_relative(d: Path) -> Path:
+    """Backing names relative to the image's folder (not to the current directory)."""
+    sub = d / "sub"
+    sub.mkdir()
+    base = sub / "base.raw"
+    base.write_bytes(random_bytes(4, 1 * MiB + 512))
+    mid = sub / "mid.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(mid), "2M")
+    qemu_io(mid, ["write -P 0x51 65536 4096", "discard 131072 65536"])
+    top = sub / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(top), "4M")
+    qemu_io(top, ["write -P 0x52 100 1000", f"write -P 0x53 {3 * MiB} 4096"])
+    return top
+
+
+def _preallocated(mode: str) -> Callable[[Path], Path]:
+    def build(d: Path) -> Path:
+        img = create(d / "img.qcow2", 4 * MiB, opts={"preallocation": mode})
+        qemu_io(img, fill_commands(4 * MiB, 65536, base=0x71))
+        return img
+
+    return build
+
+
+def _snapshots_v2(d: Path) -> Path:
+    """Two snapshots in a version-2 image, both differing from the active layer."""
+    img = create(d / "img.qcow2", 4 * MiB, opts={"compat": "0.10"})
+    qemu_io(img, fill_commands(4 * MiB, 65536, base=0x81))
+    qemu_img("snapshot", "-c", "s1", str(img))
+    qemu_io(img, ["write -P 0x8a 0 100000", "write -z 262144 65536", "discard 524288 131072"])
+    qemu_img("snapshot", "-c", "s2", str(img))
+    qemu_io(img, ["write -P 0x8b 50000 200000", f"write -P 0x8c {3 * MiB} 65536"])
+    return img
+
+
 def _snapshot(d: Path) -> Path:
     img = create(d / "img.qcow2", 8 * MiB, opts={"cluster_size": "4096"})
     qemu_io(img, fill_commands(8 * MiB, 4096, base=0x61))
@@ -330,9 +365,16 @@ CASES: tuple[Case, ...] = (
     Case("compressed_zlib", _compressed("zlib", 65536)),
     Case("compressed_zstd", _compressed("zstd", 65536)),
     Case("compressed_zlib_c4k", _compressed("zlib", 4096)),
+    Case("compressed_zlib_c512", _compressed("zlib", 512)),
+    Case("compressed_zstd_c2M", _compressed("zstd", 2 * MiB)),
+    Case("chain_relative_names", _chain_relative),
+    Case("prealloc_metadata", _preallocated("metadata")),
+    Case("prealloc_falloc", _preallocated("falloc")),
+    Case("prealloc_full", _preallocated("full")),
     Case("data_file", _data_file(False)),
     Case("data_file_raw", _data_file(True)),
     Case("snapshot", _snapshot, snapshots=("s1",)),
+    Case("snapshots_v2", _snapshots_v2, snapshots=("s1", "s2")),
     Case("lazy_refcounts", _plain(4 * MiB, {"lazy_refcounts": "on"})),
     Case("lazy_dirty", _lazy_dirty),
 )
