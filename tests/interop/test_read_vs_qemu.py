@@ -21,8 +21,12 @@ from nbdqcow.block.driver import BlockDriver
 CHUNKS = (65537, 4097, 1000003, 511, 262147, 3)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def sha256(path: Path) -> dict[str, str]:
+    """Digests of the image and of every file beside it (backing and data files)."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.parent.iterdir()) if p.is_file()
+    }
 
 
 def first_difference(a: bytes, b: bytes) -> int:
@@ -79,7 +83,7 @@ def test_full_read_equals_qemu(case_image: tuple[Case, Path], tmp_path: Path) ->
         check_reads(drv, ref, case.name, case.name)
     finally:
         drv.close()
-    assert sha256(path) == before, "a read-only open changed the image file"
+    assert sha256(path) == before, "a read-only open changed the image or its backing/data files"
 
 
 SNAPSHOT_CASES = [c for c in imagegen.CASES if c.snapshots]
