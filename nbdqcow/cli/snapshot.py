@@ -14,7 +14,7 @@ from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.open import probe_format
 from nbdqcow.cli.sizes import format_size
 from nbdqcow.errors import ImageOpenError
-from nbdqcow.qcow2.info import read_header, snapshot_table_lines
+from nbdqcow.qcow2.info import check_open_limits, read_header, snapshot_table_lines
 from nbdqcow.qcow2.snapshot import read_snapshot_table
 
 
@@ -24,7 +24,9 @@ def list_snapshots(args: argparse.Namespace) -> int:
         raise ImageOpenError(f"'{args.file}': raw images have no internal snapshots")
     f = HostFile(args.file, writable=False)
     try:
-        snaps = read_snapshot_table(f, read_header(f))
+        header = read_header(f)
+        check_open_limits(header)
+        snaps = read_snapshot_table(f, header)
     finally:
         f.close()
     if snaps:

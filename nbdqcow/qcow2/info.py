@@ -94,8 +94,21 @@ def snapshot_info(s: Snapshot) -> Info:
     return d
 
 
+def check_open_limits(h: Header) -> None:
+    """The header checks qemu makes when it opens an image (so info fails where
+    qemu-img info fails): the size must be representable and the L1 table must cover it.
+    """
+    l2_entries = h.cluster_size // (16 if h.extended_l2 else 8)
+    needed = -(-h.size // (l2_entries * h.cluster_size))
+    if h.size > (1 << 63) - 1 or needed > (1 << 31) - 1:
+        raise ImageOpenError("Image is too big")
+    if h.l1_size < needed:
+        raise ImageOpenError("L1 table is too small")
+
+
 def _qcow2_info(f: HostFile, path: str, snapshots_out: list[Snapshot]) -> Info:
     h = read_header(f)
+    check_open_limits(h)
     snaps = read_snapshot_table(f, h)
     snapshots_out.extend(snaps)
     data: Info = {"compat": "1.1" if h.version >= 3 else "0.10",

@@ -511,7 +511,7 @@ def test_info_and_snapshot_list(tmp_path: Path, case: str) -> None:
 
 
 @pytest.mark.parametrize("damage", ["snapshots-past-eof", "snapshot-count", "bitmaps-past-eof",
-                                    "truncated"])
+                                    "truncated", "l1-too-small", "size-too-big"])
 def test_info_on_broken_tables_fails_cleanly(tmp_path: Path, damage: str) -> None:
     require_tool("qemu-img")
     run("qemu-img", "create", "-q", "-f", "qcow2", "img.qcow2", "1M", cwd=tmp_path)
@@ -530,10 +530,16 @@ def test_info_on_broken_tables_fails_cleanly(tmp_path: Path, damage: str) -> Non
         while struct.unpack_from(">I", data, pos)[0] != EXT_BITMAPS:
             pos += 8 + (struct.unpack_from(">I", data, pos + 4)[0] + 7) // 8 * 8
         struct.pack_into(">Q", data, pos + 8 + 16, 1 << 40)
-    else:
+    elif damage == "truncated":
         snap_off = struct.unpack_from(">Q", data, 64)[0]
         del data[snap_off + 20 :]
+    elif damage == "l1-too-small":
+        struct.pack_into(">I", data, 36, 0)
+    else:
+        struct.pack_into(">Q", data, 24, 1 << 62)
     p.write_bytes(bytes(data))
+    if damage in ("l1-too-small", "size-too-big"):  # qemu-img refuses these too
+        assert run("qemu-img", "info", "img.qcow2", cwd=tmp_path, check=False).returncode
     for args in (["info", "img.qcow2"], ["info", "--output=json", "img.qcow2"],
                  ["snapshot", "-l", "img.qcow2"]):
         if damage == "bitmaps-past-eof" and args[0] == "snapshot":
