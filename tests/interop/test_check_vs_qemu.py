@@ -361,3 +361,28 @@ def test_dirty_image_rebuilt_on_open(tmp_path: Path, qemu_tools: None) -> None:
     data = imagegen.convert_to_raw(path, tmp_path / "after.raw")
     assert data[: 3 * MiB] == before[: 3 * MiB]
     assert data[3 * MiB : 3 * MiB + 4096] == b"\x44" * 4096
+
+
+def test_repair_clears_corrupt_bit_like_qemu(tmp_path: Path, qemu_tools: None) -> None:
+    path = written(tmp_path)
+    raw = Raw(path)
+    raw.set_l2_entry(1 * MiB, 0)  # a leak
+    raw.set_incompat(2)  # corrupt bit
+    copy = tmp_path / "copy.qcow2"
+    shutil.copy(path, copy)
+    imagegen.qemu_img("check", "-r", "all", str(copy))
+    assert nbdqcow("check", "-r", "all", str(path)).returncode == 0
+    assert Raw(path).incompat() == Raw(copy).incompat() == 0
+
+
+def test_dirty_bit_without_lazy_refcounts_cleared(tmp_path: Path, qemu_tools: None) -> None:
+    from nbdqcow.qcow2.driver import Qcow2Driver
+
+    path = written(tmp_path)
+    raw = Raw(path)
+    raw.set_refcount(raw.host_cluster(1 * MiB), 3)  # a leak (and a wrong COPIED flag)
+    raw.set_incompat(1)
+    Qcow2Driver.open(str(path), writable=True).close()
+    assert Raw(path).incompat() == 0
+    assert qemu_check(path)[0] == 0
+    assert Raw(path).refcount(Raw(path).host_cluster(1 * MiB)) == 1
