@@ -6,7 +6,7 @@ sequential read/write QD4) and nbdcopy (read to null:, write from a file), the t
 servers interleaved workload by workload.  Server CPU comes from /proc/PID/stat.
 Prints a table and writes bench/RESULTS.md.  Speed is measured here, never asserted.
 
-    make bench                     # 10 s per run, 1 GiB image
+    make bench                     # 5 runs of 5 s per workload and server, 1 GiB image
     .venv/bin/python bench/run.py --quick
     .venv/bin/python bench/run.py --candidate qemu-nbd   # harness check: qemu-nbd twice
 """
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from servers import (  # noqa: E402
     REPO,
     SERVER_OPTS,
     Server,
+    load_average,
     machine_description,
     nbdqcow_serve_available,
 )
@@ -153,45 +155,72 @@ def run_nbdcopy(w: Workload, server: Server, raw: Path) -> Result:
 
 
 def median_result(results: list[Result]) -> Result:
-    if len(results) == 1:
-        return results[0]
     ordered = sorted(results, key=lambda r: r.mib_s)
     return ordered[len(ordered) // 2]
+
+
+@dataclass
+class Row:
+    """One workload: each server's runs, paired by repetition (adjacent in time)."""
+
+    ref: list[Result]
+    cand: list[Result]
+
+    def ratios(self, key: str) -> list[float]:
+        out = []
+        for a, b in zip(self.ref, self.cand, strict=True):
+            x, y = float(getattr(a, key)), float(getattr(b, key))
+            if x and x == x and y == y:
+                out.append(y / x)
+        return out
 
 
 def fmt(value: float, digits: int = 1) -> str:
     return "-" if value != value else f"{value:,.{digits}f}"  # NaN -> "-"
 
 
-def table(rows: list[tuple[Result, Result]], labels: list[str]) -> str:
+def table(rows: list[Row], labels: list[str]) -> str:
+    """Per server: the median run.  Ratios: median (and range) of the paired ratios."""
     ref, cand = labels
     head = (
         f"| workload | server | MiB/s | IOPS | CPU µs/op | CPU ms/GiB | {cand}/{ref} throughput "
-        f"| {cand}/{ref} CPU per op |"
+        f"| range | {cand}/{ref} CPU per byte |"
     )
-    lines = [head, "|" + "---|" * 8]
-    for a, b in rows:
-        ratio = b.mib_s / a.mib_s if a.mib_s else float("nan")
-        a_cpu = a.cpu_ms_per_gib
-        cpu_ratio = b.cpu_ms_per_gib / a_cpu if a_cpu else float("nan")
-        for r, extra in ((a, ("", "")), (b, (f"**{fmt(ratio, 2)}x**", f"{fmt(cpu_ratio, 2)}x"))):
+    lines = [head, "|" + "---|" * 9]
+    for row in rows:
+        a, b = median_result(row.ref), median_result(row.cand)
+        tput = row.ratios("mib_s")
+        cpu = row.ratios("cpu_ms_per_gib")
+        ratio = statistics.median(tput) if tput else float("nan")
+        spread = f"{fmt(min(tput), 2)}-{fmt(max(tput), 2)}" if len(tput) > 1 else ""
+        cpu_ratio = statistics.median(cpu) if cpu else float("nan")
+        for r, extra in (
+            (a, ("", "", "")),
+            (b, (f"**{fmt(ratio, 2)}x**", spread, f"{fmt(cpu_ratio, 2)}x")),
+        ):
             lines.append(
                 f"| {r.workload} | {r.server} | {fmt(r.mib_s)} | "
                 f"{fmt(r.iops, 0) if r.ops else '-'} | {fmt(r.cpu_us_per_op)} | "
-                f"{fmt(r.cpu_ms_per_gib)} | {extra[0]} | {extra[1]} |"
+                f"{fmt(r.cpu_ms_per_gib)} | {extra[0]} | {extra[1]} | {extra[2]} |"
             )
     return "\n".join(lines)
 
 
-def write_results(path: Path, text: str, args: argparse.Namespace, labels: list[str]) -> None:
+def write_results(
+    path: Path, text: str, args: argparse.Namespace, labels: list[str], loads: tuple[str, str]
+) -> None:
     machine = machine_description()
+    machine["load average (1 min) before / after"] = f"{loads[0]} / {loads[1]}"
     lines = [
         "# Benchmark results",
         "",
         f"Produced by `bench/run.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:",
         f"image {args.size} (fully allocated qcow2, 64 KiB clusters, incompressible data), "
-        f"{args.runtime:g} s per fio run, {args.repeat} run(s) per workload and server "
-        f"(median shown), servers interleaved workload by workload, both started with "
+        f"{args.runtime:g} s per fio run, {args.repeat} run(s) per workload and server, "
+        "the two servers alternating run by run (the order flips every repetition). Each "
+        "server's median run is shown; the ratio is the median of the paired ratios "
+        "(run i of one server against run i of the other), with their range. Both servers "
+        f"started with "
         f"`{' '.join(SERVER_OPTS)}` on a unix socket. Servers: {labels[0]} (reference) and "
         f"{labels[1]}.",
         "",
@@ -201,6 +230,16 @@ def write_results(path: Path, text: str, args: argparse.Namespace, labels: list[
         "",
         "## Results",
         "",
+        *(
+            [
+                f"**Caution**: the machine was busy (load average {max(loads, key=float)} on "
+                f"{machine['nproc']} CPUs) while this ran; other processes competed with "
+                "both servers and with fio, so these ratios are noisy.",
+                "",
+            ]
+            if _busy(loads, machine["nproc"])
+            else []
+        ),
         "CPU is the server's utime+stime (all threads) during the run. CPU µs/op is per "
         "fio request; nbdcopy requests are not counted, so compare CPU ms/GiB there. "
         "Ratios above 1 are better for throughput, below 1 better for CPU.",
@@ -217,14 +256,19 @@ def write_results(path: Path, text: str, args: argparse.Namespace, labels: list[
     path.write_text("\n".join(lines))
 
 
+def _busy(loads: tuple[str, str], nproc: str) -> bool:
+    try:
+        return max(float(x) for x in loads) > 0.5 * float(nproc) + 1.5
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 s runs (same as --runtime 3)")
-    p.add_argument("--runtime", type=float, default=10.0, help="seconds per fio run (10)")
+    p.add_argument("--runtime", type=float, default=5.0, help="seconds per fio run (5)")
     p.add_argument("--size", default="1G", help="image size (1G)")
-    p.add_argument(
-        "--repeat", type=int, help="runs per workload and server, median kept (3; 1 with --quick)"
-    )
+    p.add_argument("--repeat", type=int, help="runs per workload and server (5; 1 with --quick)")
     p.add_argument("--reference", default="qemu-nbd", help="reference server (qemu-nbd)")
     p.add_argument(
         "--candidate", default="nbdqcow", help="server compared to the reference (nbdqcow)"
@@ -243,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.runtime = 3.0
     if args.repeat is None:
-        args.repeat = 1 if args.quick else 3
+        args.repeat = 1 if args.quick else 5
     for tool in ("qemu-img", "qemu-nbd", "fio", "nbdcopy"):
         if shutil.which(tool) is None:
             raise SystemExit(f"bench: {tool} is not installed (run scripts/setup.sh)")
@@ -267,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
     servers: list[Server] = []
     try:
+        load_before = load_average()
         print(f"bench: creating a {args.size} image in {workdir}", flush=True)
         raw, images = make_images(workdir, size, labels)
         kinds = [args.reference, args.candidate]
@@ -276,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             s.start()
             # warm-up, not measured: page cache and server caches in the same state for both
             subprocess.run(["nbdcopy", s.uri, "null:"], check=True, capture_output=True)
-        rows: list[tuple[Result, Result]] = []
+        rows: list[Row] = []
         for i, w in enumerate(workloads):
             per_server: dict[str, list[Result]] = {s.label: [] for s in servers}
             for rep in range(args.repeat):
@@ -292,14 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r.iops:10.0f} IOPS  cpu {r.cpu:6.2f} s",
                         flush=True,
                     )
-            rows.append(
-                (median_result(per_server[labels[0]]), median_result(per_server[labels[1]]))
-            )
+            rows.append(Row(per_server[labels[0]], per_server[labels[1]]))
         text = table(rows, labels)
         print()
         print(text)
         if str(args.results):
-            write_results(args.results, text, args, labels)
+            write_results(args.results, text, args, labels, (load_before, load_average()))
             print(f"\nbench: wrote {args.results}")
     finally:
         for s in servers:

@@ -112,6 +112,15 @@ class Server:
             pass
 
 
+def load_average() -> str:
+    """The 1-minute load average: other work on the machine disturbs every number."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
 def machine_description() -> dict[str, str]:
     model = "?"
     try:
