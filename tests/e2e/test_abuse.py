@@ -420,22 +420,24 @@ def test_disconnect_mid_write_payload(served: Served) -> None:
     assert served.bystander.pread(0, MiB) == served.model[:MiB]
 
 
-def test_client_that_never_reads_replies(served: Served) -> None:
-    """A flood of 1 MiB READs whose replies are never read: the server stops reading
-    that client (the flood blocks), its memory stays bounded, the bystander works."""
+def _flood(served: Served) -> int:
+    """Flood 1 MiB READs without reading replies until the server stops reading us.
+
+    Returns the server's RSS growth in KiB while the flood is stuck; checks the flood
+    did get stuck (the server paused reading) and the bystander kept working.
+    """
     sock = transmission(served)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     baseline = served.rss_kib()
     request = codec.build_request(Cmd.READ, 0, 0, 0, MiB)
-    cookie_base = struct.calcsize(">IHH")
+    cookie_at = struct.calcsize(">IHH")
     sent = 0
     total = 4096  # 4 GiB of replies asked for
     sock.settimeout(2.0)
     try:
         for i in range(total):
             req = bytearray(request)
-            struct.pack_into(">Q", req, cookie_base, i + 1)
-            struct.pack_into(">Q", req, cookie_base + 8, (i % 16) * MiB)
+            struct.pack_into(">QQ", req, cookie_at, i + 1, (i % 16) * MiB)
             try:
                 sock.sendall(req)
             except TimeoutError:
@@ -446,9 +448,27 @@ def test_client_that_never_reads_replies(served: Served) -> None:
         served.bystander_works()
         grown = max(grown, served.rss_kib() - baseline)
         print(f"flood: {sent} requests sent, RSS +{grown} KiB")
-        assert grown < 200 * 1024, f"server RSS grew by {grown // 1024} MiB"
     finally:
         sock.close()
     time.sleep(0.2)
     served.bystander_works()
-    assert served.rss_kib() - baseline < 200 * 1024
+    return grown
+
+
+def test_client_that_never_reads_replies(served: Served) -> None:
+    """The flooding client is paused, the bystander works, memory stays bounded."""
+    grown = _flood(served)
+    assert grown < 200 * 1024, f"server RSS grew by {grown // 1024} MiB"
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="server dispatches every request decoded from one read even after flow control "
+    "paused the connection (server/protocol.py _handle): ~64 MiB of 1 MiB replies queue up",
+)
+def test_flood_memory_within_per_client_budget(served: Served) -> None:
+    """Issue 3's target (16 clients x 32 MiB in flight under 200 MiB) leaves ~12 MiB per
+    client; one flooding client must stay well within 40 MiB (in-flight cap + write
+    buffer + socket buffers + slack)."""
+    grown = _flood(served)
+    assert grown < 40 * 1024, f"server RSS grew by {grown // 1024} MiB"
