@@ -104,6 +104,7 @@ class Base:
     n_entries: int  # guest clusters of the image (entries used in the L2 table)
     data_offsets: list[int] = field(default_factory=list)  # host offsets of data clusters
     compressed_index: int | None = None  # an L2 index holding a compressed cluster
+    snap_ref_sha: str | None = None  # sha256 of qemu's read of snapshot "s1", if any
 
 
 def parse_base(name: str, data: bytes, ref: bytes) -> Base:
@@ -148,6 +149,14 @@ def _build_bases(d: Path) -> dict[str, Base]:
         "write -P 0x43 200000 300000", "write -z -u 524288 8192", "write -P 0x44 600000 2048",
     ])
     add("extl2", img)
+
+    img = imagegen.create(d / "snap.qcow2", size)
+    imagegen.qemu_io(img, cmds[:6])
+    imagegen.qemu_img("snapshot", "-c", "s1", str(img))
+    imagegen.qemu_io(img, ["write -P 0x77 0 300000"])
+    add("snap", img)
+    snap_ref = imagegen.convert_to_raw(img, d / "ref.raw", snapshot="s1")
+    out["snap"].snap_ref_sha = hashlib.sha256(snap_ref).hexdigest()
 
     for comp in ("zlib", "zstd"):
         src = d / "src.raw"
@@ -201,6 +210,7 @@ class HCase:
     mutate: Mutation
     expect: str  # ok | refuse | unsupported | fail | any
     words: tuple[str, ...] = ()  # for "unsupported": the message names one of these
+    snapshot: str | None = None  # open this internal snapshot instead of the active layer
 
 
 def set_field(name: str, value: int | Callable[[Ctx], int]) -> Mutation:
@@ -273,6 +283,37 @@ def compressed_garbage(fill: Callable[[int], bytes], where: str = "file") -> Mut
             c.b[host:host + len(garbage)] = garbage
         sectors = 1  # additional 512-byte sectors
         put_u64(c.b, c.l2_entry(1), COMPRESSED | (sectors << x) | host)
+
+    return m
+
+
+def snapshot_entry(field_off: int, fmt: str, value: Callable[[Ctx], int]) -> Mutation:
+    """Set a field of the first snapshot table entry (spec: "Snapshot table entry")."""
+
+    def m(c: Ctx) -> None:
+        at = get(c.b, "snapshots_offset") + field_off
+        struct.pack_into(fmt, c.b, at, value(c))
+
+    return m
+
+
+def snapshot_field(c: Ctx, field_off: int, fmt: str) -> int:
+    return int(struct.unpack_from(fmt, c.b, get(c.b, "snapshots_offset") + field_off)[0])
+
+
+def data_file(kind: str) -> Mutation:
+    """A qcow2 image with an external data file that is missing or too short."""
+
+    def m(c: Ctx) -> None:
+        c.buf = None
+        data = c.dir / "data.raw"
+        imagegen.qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}",
+                          str(c.path), "1M")
+        imagegen.qemu_io(c.path, ["write -P 0x61 0 131072", "write -P 0x62 655360 65536"])
+        if kind == "missing":
+            data.unlink()
+        else:
+            os.truncate(data, 65536)
 
     return m
 
@@ -404,6 +445,27 @@ def _cases() -> list[HCase]:
     for kind in ("missing", "missing_raw", "self", "loop", "loop3"):
         add(f"backing_{kind}", None, backing(kind), "refuse")
 
+    # snapshot table (opened with snapshot="s1")
+    def snap(name: str, m: Mutation, expect: str) -> None:
+        C.append(HCase(name, "snap", m, expect, (), "s1"))
+
+    snap("control_snapshot", lambda c: None, "ok")
+    snap("snapshot_l1_past_eof", snapshot_entry(0, ">Q", lambda c: c.eof_cluster(10)), "fail")
+    snap("snapshot_l1_unaligned",
+         snapshot_entry(0, ">Q", lambda c: snapshot_field(c, 0, ">Q") + 8), "fail")
+    snap("snapshot_l1_size_huge", snapshot_entry(8, ">I", lambda c: 0xFFFFFFFF), "fail")
+    snap("snapshot_extra_data_huge", snapshot_entry(36, ">I", lambda c: 0xFFFFFFF0), "fail")
+    snap("snapshot_name_size_huge", snapshot_entry(14, ">H", lambda c: 0xFFFF), "fail")
+    snap("snapshot_table_past_eof",
+         set_field("snapshots_offset", lambda c: c.eof_cluster(10)), "fail")
+    snap("snapshot_table_unaligned",
+         set_field("snapshots_offset", lambda c: get(c.b, "snapshots_offset") + 4), "fail")
+    snap("snapshot_count_zero", set_field("nb_snapshots", 0), "refuse")
+
+    # external data file missing or short
+    add("data_file_missing", None, data_file("missing"), "refuse")
+    add("data_file_short", None, data_file("short"), "any")  # qemu reads zeros past its end
+
     # bad L1 / L2 entries
     add("l1_entry_past_eof", "plain", set_l1_entry(lambda c: COPIED | c.eof_cluster(100)), "fail")
     add("l1_entry_unaligned", "plain", set_l1_entry(lambda c: COPIED | (c.bs.l2 + 512)), "fail")
@@ -493,7 +555,7 @@ def _describe(e: BaseException) -> dict[str, Any]:
     }
 
 
-def _child(path: str, conn: Connection) -> None:
+def _child(path: str, snapshot: str | None, conn: Connection) -> None:
     limit = _vm_size() + AS_HEADROOM
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -504,7 +566,7 @@ def _child(path: str, conn: Connection) -> None:
         from nbdqcow.block.open import open_image
 
         try:
-            drv = open_image(path, writable=False)
+            drv = open_image(path, writable=False, snapshot=snapshot)
         except BaseException as e:  # noqa: BLE001 - every exception is reported
             result = {"stage": "open", **_describe(e)}
         else:
@@ -537,10 +599,10 @@ def _child(path: str, conn: Connection) -> None:
     conn.close()
 
 
-def run_case(path: Path) -> dict[str, Any]:
+def run_case(path: Path, snapshot: str | None = None) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(str(path), child), daemon=True)
+    proc = ctx.Process(target=_child, args=(str(path), snapshot, child), daemon=True)
     proc.start()
     child.close()
     try:
@@ -618,8 +680,12 @@ def file_sha(path: Path) -> str:
 
 def _run_and_check(case: HCase, bases: dict[str, Base], d: Path, path: Path) -> None:
     shas = {p.name: file_sha(p) for p in d.iterdir()}
-    res = run_case(path)
-    check_result(case, res, bases[case.base].ref_sha if case.base else None)
+    res = run_case(path, case.snapshot)
+    ref = None
+    if case.base:
+        base = bases[case.base]
+        ref = base.snap_ref_sha if case.snapshot else base.ref_sha
+    check_result(case, res, ref)
     assert {p.name: file_sha(p) for p in d.iterdir()} == shas, (
         f"{case.name}: a read-only open changed the files"
     )
@@ -643,7 +709,7 @@ def test_random_mutation(name: str, hostile_bases: dict[str, Base], tmp_path: Pa
     _run_and_check(case, hostile_bases, tmp_path, path)
 
 
-CLI_CASES = [c.name for c in CASES if c.expect in ("refuse", "unsupported")]
+CLI_CASES = [c.name for c in CASES if c.expect in ("refuse", "unsupported") and not c.snapshot]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
