@@ -266,6 +266,12 @@ class _Walk:
                 if off:
                     self.inc(off, self.cs)
 
+    def crypto_header(self) -> None:
+        ext = self.h.extension(L.EXT_CRYPTO)
+        if self.h.crypt_method and ext is not None and len(ext) >= 16:
+            offset, length = struct.unpack_from(">QQ", ext)
+            self.inc(offset, length)
+
     # --- refcount structure ----------------------------------------------------------
     def refcount_structure(self, reftable: array[int]) -> None:
         h = self.h
@@ -301,6 +307,7 @@ class _Walk:
         self.l1(h.l1_table_offset, h.l1_size, True)
         self.snapshots()
         self.bitmaps()
+        self.crypto_header()
         if with_refcount_structure is not None:
             self.refcount_structure(with_refcount_structure)
 
@@ -479,8 +486,14 @@ def _check_copied(
 
 
 def _read_header(file: HostFile) -> Header:
+    """The header; encrypted images are accepted too (checking needs no key)."""
     size = file.size()
-    return parse_header(file.pread(min(size, 1 << L.MAX_CLUSTER_BITS), 0), size)
+    buf = bytearray(file.pread(min(size, 1 << L.MAX_CLUSTER_BITS), 0))
+    crypt = struct.unpack_from(">I", buf, 32)[0] if len(buf) >= L.HEADER_V2_LENGTH else 0
+    if crypt:
+        struct.pack_into(">I", buf, 32, 0)  # parse_header refuses encryption: we don't
+    header = parse_header(bytes(buf), size)
+    return header.replace(crypt_method=crypt) if crypt else header
 
 
 def _one_pass(file: HostFile, header: Header, fix: int, res: CheckResult) -> Header:

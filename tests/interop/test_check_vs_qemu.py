@@ -432,3 +432,24 @@ def test_rebuild_refcount_structure(kind: str, tmp_path: Path, qemu_tools: None)
     if kind == "snapshot":
         imagegen.qemu_img("snapshot", "-d", "s1", str(path))  # frees through the new refcounts
         assert qemu_check(path)[0] == 0
+
+
+def test_encrypted_image_needs_no_key(tmp_path: Path, qemu_tools: None) -> None:
+    """The LUKS header area is counted; qemu-img needs the secret to check, we don't."""
+    path = tmp_path / "enc.qcow2"
+    secret = "secret,id=sec0,data=abc"
+    opts = f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"
+    imagegen.qemu_img("create", "-q", "-f", "qcow2", "--object", secret, "-o",
+                      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", str(path), "4M")
+    imagegen.run(["qemu-io", "--object", secret, "--image-opts", opts,
+                  "-c", "write -P 3 0 100k", "-c", "write -P 4 1M 64k"])
+    raw = Raw(path)
+    raw.set_l2_entry(1 * MiB, 0)
+    p = imagegen.qemu_img("check", "--output=json", "--object", secret, "--image-opts", opts,
+                          check=False)
+    want = json.loads(p.stdout)
+    rc, got = our_check(path)
+    assert figures(got) == figures(want) and rc == p.returncode == 3
+    assert our_check(path, "-r", "leaks")[0] == 0
+    p = imagegen.qemu_img("check", "--object", secret, "--image-opts", opts, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
