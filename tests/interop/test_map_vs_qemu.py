@@ -9,9 +9,11 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import imagegen
+import pytest
 from imagegen import Case
 
 from nbdqcow.block.driver import BlockDriver, Extent
@@ -20,9 +22,10 @@ Flags = tuple[bool, bool, bool, int]  # present, data, zero, depth
 Run = tuple[int, int, Flags]  # start, end, flags
 
 
-def nbdqcow(*args: str) -> subprocess.CompletedProcess[str]:
+def nbdqcow(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nbdqcow", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "nbdqcow", *args], capture_output=True, text=True, timeout=120,
+        cwd=cwd,
     )
 
 
@@ -44,6 +47,22 @@ def test_map_human_equals_qemu(case_image: tuple[Case, Path]) -> None:
     if want.returncode != 0:  # e.g. compressed clusters: one line of error, no traceback
         lines = got.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in got.stderr, got.stderr
+
+
+FILE_NAME_CASES = [c for c in imagegen.CASES if c.name.startswith(("chain", "data_file"))]
+
+
+@pytest.mark.parametrize("case", FILE_NAME_CASES, ids=[c.name for c in FILE_NAME_CASES])
+def test_map_human_relative_path(case: Case, image_factory: Callable[[str], Path]) -> None:
+    """Run from the image's folder with a relative name: the "File" column (backing and
+    data file names) must read as qemu-img prints it."""
+    path = image_factory(case.name)
+    want = subprocess.run(["qemu-img", "map", path.name], capture_output=True, text=True,
+                          timeout=60, cwd=path.parent)
+    got = nbdqcow("map", path.name, cwd=path.parent)
+    assert want.returncode == 0, want.stderr
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout
 
 
 def merge(runs: list[Run]) -> list[Run]:
