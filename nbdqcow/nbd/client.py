@@ -335,6 +335,25 @@ def parse_block_status(payload: bytes | memoryview, rtype: int) -> tuple[int, Ex
     raise RemoteProtocolError(f"not a block status chunk: {rtype}")
 
 
+def check_extents(extents: Extents, length: int, req_one: bool) -> None:
+    """What the spec requires of one context's extents for a request of ``length``.
+
+    Every extent is non-empty and only the last may run past the request; with REQ_ONE
+    there is exactly one extent and it does not run past the request.
+    """
+    if not extents:
+        raise RemoteProtocolError("block status without extents")
+    if req_one and (len(extents) != 1 or extents[0][0] > length):
+        raise RemoteProtocolError("REQ_ONE block status must be one extent within the request")
+    pos = 0
+    for n, _ in extents:
+        if n == 0:
+            raise RemoteProtocolError("block status extent of length 0")
+        if pos >= length:
+            raise RemoteProtocolError("block status extents run past the request")
+        pos += n
+
+
 def parse_error_chunk(payload: bytes | memoryview, rtype: int) -> tuple[int, str, int | None]:
     """ERROR / ERROR_OFFSET -> (errno, message, offset or None)."""
     if len(payload) < ERROR_CHUNK.size:

@@ -38,10 +38,23 @@ Extents = codec.Extents
 class _Pending:
     """One request waiting for its reply."""
 
-    __slots__ = ("cmd", "offset", "length", "future", "assembler", "extents", "error", "data")
+    __slots__ = (
+        "cmd",
+        "flags",
+        "offset",
+        "length",
+        "future",
+        "assembler",
+        "extents",
+        "error",
+        "data",
+    )
 
-    def __init__(self, cmd: int, offset: int, length: int, future: asyncio.Future[object]) -> None:
+    def __init__(
+        self, cmd: int, flags: int, offset: int, length: int, future: asyncio.Future[object]
+    ) -> None:
         self.cmd = cmd
+        self.flags = flags
         self.offset = offset
         self.length = length
         self.future = future
@@ -185,6 +198,8 @@ class Client:
                     if h.error:
                         p.error = codec.remote_error(h.error)
                     elif p.cmd == Cmd.READ:
+                        if self.structured:  # the data length would be a guess
+                            raise RemoteProtocolError("simple reply with data to a READ")
                         p.data = await reader.readexactly(p.length)
                     self._complete(h.cookie, p)
                     continue
@@ -244,6 +259,11 @@ class Client:
         try:
             if p.assembler is not None:
                 p.future.set_result(p.assembler.finish())
+            elif p.extents is not None:
+                req_one = bool(p.flags & CmdFlag.REQ_ONE)
+                for extents in p.extents.values():
+                    codec.check_extents(extents, p.length, req_one)
+                p.future.set_result(p.extents)
             else:
                 p.future.set_result(p.data if p.extents is None else p.extents)
         except RemoteProtocolError as e:
@@ -270,7 +290,7 @@ class Client:
         if self._disconnecting:
             raise ConnectionAbortedError("disconnect in progress")
         cookie = next(self._cookies)
-        p = _Pending(cmd, offset, length, asyncio.get_running_loop().create_future())
+        p = _Pending(cmd, flags, offset, length, asyncio.get_running_loop().create_future())
         if cmd == Cmd.READ and self.structured:
             p.assembler = codec.ReadAssembler(offset, length)
         elif cmd == Cmd.BLOCK_STATUS:

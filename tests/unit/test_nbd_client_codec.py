@@ -250,6 +250,20 @@ def test_block_status_payloads() -> None:
             c.parse_block_status(bad, rtype)
 
 
+def test_check_extents() -> None:
+    c.check_extents([(4096, 0), (8192, 3)], 8192, False)  # the last may run past the end
+    c.check_extents([(4096, 0)], 8192, True)
+    for extents, length, req_one in (
+        ([], 4096, False),
+        ([(0, 0)], 4096, False),
+        ([(4096, 0), (4096, 3)], 4096, False),  # a second extent after the request's end
+        ([(4096, 0), (4096, 3)], 8192, True),  # REQ_ONE: exactly one
+        ([(8192, 0)], 4096, True),  # REQ_ONE: not past the request
+    ):
+        with pytest.raises(RemoteProtocolError):
+            c.check_extents(extents, length, req_one)
+
+
 def test_error_chunks() -> None:
     raw = bytes.fromhex("0000001c 0003") + b"bad"
     assert c.parse_error_chunk(raw, ReplyType.ERROR) == (28, "bad", None)
