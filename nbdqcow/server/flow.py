@@ -8,11 +8,12 @@ read its replies); it resumes when both are back under their limits.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 MAX_REQUESTS = 64
-MAX_BYTES = 8 * 1024 * 1024
-WRITE_HIGH_WATER = 4 * 1024 * 1024
-WRITE_LOW_WATER = 1024 * 1024
+MAX_BYTES = 4 * 1024 * 1024
+WRITE_HIGH_WATER = 2 * 1024 * 1024
+WRITE_LOW_WATER = 512 * 1024
 
 
 class FlowControl:
@@ -32,17 +33,23 @@ class FlowControl:
         self.write_paused = False
         self.read_paused = False
         self.stopped = False  # reading stopped for good (DISC, shutdown)
+        self.backlog = 0  # requests parsed but not started yet (over the caps)
+        self.on_capacity: Callable[[], None] | None = None
         self.idle = asyncio.Event()
         self.idle.set()
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
-    def _want_pause(self) -> bool:
+    @property
+    def saturated(self) -> bool:
+        """No new request may start now (caps reached, or the client is not reading)."""
         return (
-            self.stopped
-            or self.write_paused
+            self.write_paused
             or self.requests >= self.max_requests
             or self.bytes >= self.max_bytes
         )
+
+    def _want_pause(self) -> bool:
+        return self.stopped or self.write_paused or self.backlog > 0 or self.saturated
 
     def _update(self) -> None:
         rt = self.transport
@@ -66,8 +73,13 @@ class FlowControl:
     def finish(self, nbytes: int) -> None:
         self.requests -= 1
         self.bytes -= nbytes
-        if self.requests == 0:
+        if self.backlog and not self.saturated and self.on_capacity is not None:
+            self.on_capacity()
+        if self.requests == 0 and not self.backlog:
             self.idle.set()
+        self._update()
+
+    def pause_for_backlog(self) -> None:
         self._update()
 
     def stop(self) -> None:
@@ -81,4 +93,6 @@ class FlowControl:
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.backlog and not self.saturated and self.on_capacity is not None:
+            self.on_capacity()
         self._update()

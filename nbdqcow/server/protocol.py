@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING, cast
 
 from nbdqcow.errors import RemoteProtocolError
 from nbdqcow.nbd.handshake import ServerHandshake
-from nbdqcow.nbd.transmission import RequestDecoder
+from nbdqcow.nbd.transmission import Request, RequestDecoder
 from nbdqcow.server.dispatch import Dispatcher, Reply
 from nbdqcow.server.flow import FlowControl
 
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("nbdqcow.server")
 
 _HANDSHAKE_BUFFER = 64 * 1024
+#: send buffer asked for on every client socket (replies leave without queuing in Python)
+SOCKET_BUFFER = 2 * 1024 * 1024
 
 
 class NbdProtocol(asyncio.BufferedProtocol):
@@ -35,6 +39,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._hsbuf = memoryview(bytearray(_HANDSHAKE_BUFFER))
         self.closed = False
         self.started = False
+        self.backlog: collections.deque[Request] = collections.deque()
         self.peer = ""
 
     # --- connection lifecycle -------------------------------------------------------------
@@ -44,11 +49,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.transport = transport
         self.flow = FlowControl(transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover
-                pass
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if SOCKET_BUFFER:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self.peer = str(transport.get_extra_info("peername") or "unix")
         if not self.server.admit(self):
             transport.pause_reading()  # queued: no greeting until a slot frees up
@@ -103,14 +109,35 @@ class NbdProtocol(asyncio.BufferedProtocol):
             return
         self._handle(reqs)
 
-    def _handle(self, reqs: list) -> None:  # type: ignore[type-arg]
-        disp = self.dispatcher
-        assert disp is not None
-        for req in reqs:
+    def _handle(self, reqs: list[Request]) -> None:
+        if self.backlog:
+            self.backlog.extend(reqs)
+            self._drain()
+            return
+        disp, flow = self.dispatcher, self.flow
+        assert disp is not None and flow is not None
+        for i, req in enumerate(reqs):
             if disp.disconnecting:
                 break
+            if flow.saturated:  # over the in-flight caps: the rest waits its turn
+                self.backlog.extend(reqs[i:])
+                flow.backlog = len(self.backlog)
+                flow.pause_for_backlog()
+                return
             disp.handle(req)
         if disp.disconnecting:
+            self._disconnect()
+
+    def _drain(self) -> None:
+        """Start backlogged requests while the caps allow (called when capacity frees)."""
+        disp, flow, backlog = self.dispatcher, self.flow, self.backlog
+        assert disp is not None and flow is not None
+        while backlog and not flow.saturated and not disp.disconnecting:
+            disp.handle(backlog.popleft())
+        flow.backlog = len(backlog)
+        if disp.disconnecting:
+            backlog.clear()
+            flow.backlog = 0
             self._disconnect()
 
     def _handshake_data(self, data: memoryview) -> None:
@@ -130,6 +157,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             export = self.server.export_by_name(neg.export.name)
             self.decoder = RequestDecoder(extended=neg.extended)
             self.dispatcher = Dispatcher(export, neg, self.send, self.flow, self.loop)
+            self.flow.on_capacity = self._drain
             self.server.negotiated(self)
             if hs.leftover:
                 try:
