@@ -94,23 +94,27 @@ class Refcounts:
         i = self.free_hint
         start, run = i, 0
         entries = self.geo.refcount_block_entries
+        meta = self.meta
         while run < n:
-            rti = i >> self._bits
-            if not self._block_offset(rti):
+            off = self._block_offset(i >> self._bits)
+            j = i & self._mask
+            if not off:
                 # a whole block range with no block: all free
                 if run == 0:
                     start = i
-                step = entries - (i & self._mask)
-                run += step
-                i += step
+                run += entries - j
+                i += entries - j
                 continue
-            if self.get(i) == 0 and (i not in self.meta):
-                if run == 0:
-                    start = i
-                run += 1
-            else:
-                run = 0
-            i += 1
+            blk = self.cache.get(off)
+            while j < entries and run < n:
+                if blk[j] == 0 and i not in meta:
+                    if run == 0:
+                        start = i
+                    run += 1
+                else:
+                    run = 0
+                i += 1
+                j += 1
         return start
 
     def alloc(self, n: int = 1) -> int:
@@ -123,8 +127,8 @@ class Refcounts:
                 break
         for c in range(start, start + n):
             self.update(c, +1)
-        if self.free_hint >= start:
-            self.free_hint = start + n
+        if n == 1 and self.free_hint <= start:
+            self.free_hint = start + 1  # everything from the hint to start is in use
         return start
 
     def _ensure_block(self, cluster: int) -> int:
