@@ -8,14 +8,13 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 
 from nbdqcow import __version__
 from nbdqcow.block.open import open_image, probe_format
-from nbdqcow.errors import ImageOpenError, NbdqcowError
+from nbdqcow.errors import NbdqcowError
 from nbdqcow.server.exports import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, Export
 
 DEFAULT_PORT = 10809
@@ -109,22 +108,19 @@ def run_list(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def temporary_overlay(path: str, fmt: str) -> Iterator[str]:
     """A qcow2 overlay backed by ``path`` in a temporary directory (qemu-nbd -s)."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise ImageOpenError("--snapshot needs qemu-img to create the overlay")
     tmpdir = tempfile.mkdtemp(prefix="nbdqcow-snapshot-")
     overlay = os.path.join(tmpdir, "overlay.qcow2")
     try:
-        proc = subprocess.run(
-            [qemu_img, "create", "-q", "-f", "qcow2", "-b", os.path.abspath(path), "-F", fmt,
-             overlay],
-            capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            raise ImageOpenError(f"cannot create the snapshot overlay: {proc.stderr.strip()}")
+        _create_overlay(overlay, os.path.abspath(path), fmt)
         yield overlay
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _create_overlay(overlay: str, backing: str, fmt: str) -> None:
+    from nbdqcow.qcow2.create import create_image
+
+    create_image(overlay, None, "qcow2", backing_file=backing, backing_fmt=fmt)
 
 
 # --- serve --------------------------------------------------------------------------------------
