@@ -23,6 +23,7 @@ log = logging.getLogger("nbdqcow.server")
 _HANDSHAKE_BUFFER = 64 * 1024
 #: send buffer asked for on every client socket (replies leave without queuing in Python)
 SOCKET_BUFFER = 2 * 1024 * 1024
+JOIN_SMALL = 256 * 1024
 
 
 class NbdProtocol(asyncio.BufferedProtocol):
@@ -40,6 +41,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.closed = False
         self.started = False
         self.backlog: collections.deque[Request] = collections.deque()
+        # replies produced while handling one batch of requests go out in one writev
+        self._cork: list[bytes | bytearray | memoryview] | None = None
         self.peer = ""
 
     # --- connection lifecycle -------------------------------------------------------------
@@ -110,6 +113,25 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._handle(reqs)
 
     def _handle(self, reqs: list[Request]) -> None:
+        if len(reqs) > 1:
+            self._cork = []
+            try:
+                self._handle_batch(reqs)
+            finally:
+                self._uncork()
+        else:
+            self._handle_batch(reqs)
+
+    def _uncork(self) -> None:
+        bufs, self._cork = self._cork, None
+        t = self.transport
+        if bufs and t is not None and not t.is_closing():
+            if JOIN_SMALL and sum(map(len, bufs)) <= JOIN_SMALL:
+                t.write(b"".join(bufs))
+            else:
+                t.writelines(bufs)
+
+    def _handle_batch(self, reqs: list[Request]) -> None:
         if self.backlog:
             self.backlog.extend(reqs)
             self._drain()
@@ -169,6 +191,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     # --- writing ----------------------------------------------------------------------------
     def send(self, bufs: Reply) -> None:
+        if self._cork is not None:
+            self._cork.extend(bufs)
+            return
         t = self.transport
         if t is None or t.is_closing():
             return
