@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tooling import REPO, Served, ServerFactory, repo_env, require_tool
+from tooling import REPO, Served, ServerFactory, free_port, repo_env, require_tool
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -512,3 +512,27 @@ def test_repo_is_importable_from_anywhere() -> None:
 
 def _unused(x: Served) -> None:  # keep the import used for type checkers
     pass
+
+
+def test_tcp_ipv6(tmp_path: Path) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    img = make_image(tmp_path, "raw")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nbdqcow", "serve", "-t", "-b", "::1", "-p",
+                             str(port), "-x", "v6", str(img)], env=repo_env())
+    try:
+        for _ in range(250):
+            try:
+                socket.create_connection(("::1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        out = run("nbdinfo", "--json", f"nbd://[::1]:{port}/v6").stdout
+        assert json.loads(out)["exports"][0]["export-size"] == SIZE
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
