@@ -287,7 +287,7 @@ class ServerHandshake:
         )
         self._reply(Rep.ACK)
         if go:
-            self._finish(export, keep_meta=self._meta_export in (name, export.name))
+            self._finish(export, keep_meta=self._meta_export == export.name)
 
     def _finish(self, export: ExportInfo, keep_meta: bool) -> None:
         contexts = dict(self._meta) if keep_meta else {}
@@ -336,7 +336,7 @@ class ServerHandshake:
         for ctx in _match(export, queries, listing=False):
             self._meta[export.context_id(ctx)] = ctx
             self._reply_context(export, ctx)
-        self._meta_export = name
+        self._meta_export = export.name
         self._reply(Rep.ACK)
 
     def _reply_context(self, export: ExportInfo, ctx: str) -> None:

@@ -24,6 +24,8 @@ _HANDSHAKE_BUFFER = 64 * 1024
 #: send buffer asked for on every client socket (replies leave without queuing in Python)
 SOCKET_BUFFER = 2 * 1024 * 1024
 JOIN_SMALL = 256 * 1024
+#: seconds a client may take to finish the handshake (qemu-nbd's --handshake-limit)
+HANDSHAKE_LIMIT = 10.0
 
 
 class NbdProtocol(asyncio.BufferedProtocol):
@@ -69,6 +71,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.transport.resume_reading()
         self.handshake = ServerHandshake(self.server.export_infos)
         self.transport.write(self.handshake.start())
+        self.loop.call_later(HANDSHAKE_LIMIT, self._handshake_deadline)
         log.info("client %s connected", self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -88,6 +91,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         if self.flow is not None:
             self.flow.resume_writing()
+
+    def _handshake_deadline(self) -> None:
+        if self.decoder is None and not self.closed and self.transport is not None:
+            log.warning("client %s: handshake not finished in %gs", self.peer, HANDSHAKE_LIMIT)
+            self.transport.close()
 
     def abort(self, reason: str) -> None:
         log.warning("client %s: %s; disconnecting", self.peer, reason)

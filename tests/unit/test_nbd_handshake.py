@@ -297,3 +297,10 @@ def test_absurd_option_length_closes() -> None:
     h = hs()
     h.receive(struct.pack(">QII", IHAVEOPT, OPT_GO, 0xFFFFFFFF))
     assert h.closed
+
+
+def test_meta_context_set_for_default_name_survives_go_by_name() -> None:
+    h = hs()
+    h.receive(opt(OPT_STRUCTURED) + opt(OPT_SET_META, meta_req("", "base:allocation")))
+    h.receive(opt(OPT_GO, info_req("foo")))  # "" is foo, the default export
+    assert h.result is not None and list(h.result.contexts.values()) == ["base:allocation"]
