@@ -19,7 +19,8 @@ def resolve_relative(image_path: str, name: str) -> str:
         raise ImageOpenError(f"unsupported backing file protocol: {name}")
     if os.path.isabs(name):
         return name
-    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+    # like qemu's path_combine: keep it relative when the image path was relative
+    return os.path.join(os.path.dirname(image_path), name)
 
 
 def open_backing(

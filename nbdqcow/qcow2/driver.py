@@ -24,7 +24,7 @@ from nbdqcow.errors import (
     ReadOnlyImage,
 )
 from nbdqcow.qcow2 import layout as L
-from nbdqcow.qcow2.backing import open_backing, resolve_relative
+from nbdqcow.qcow2.backing import open_backing
 from nbdqcow.qcow2.cache import TableCache
 from nbdqcow.qcow2.compressed import decompress_cluster
 from nbdqcow.qcow2.entries import HAS_HOST, READS_BACKING, READS_ZERO, SC, sc_range_mask, std_type
@@ -84,7 +84,13 @@ class Qcow2Driver:
         self.corrupt = False
         self._lock = threading.RLock()
         file_size = file.size()
-        head = file.pread(min(max(file_size, 0), 1 << L.MAX_CLUSTER_BITS), 0)
+        # read only the first cluster: reading more would pull guest data into the page
+        # cache, which changes what SEEK_DATA reports for unwritten extents
+        head = file.pread(min(file_size, 4096), 0)
+        if len(head) >= 24:
+            cluster_bits = int.from_bytes(head[20:24], "big")
+            if L.MIN_CLUSTER_BITS <= cluster_bits <= L.MAX_CLUSTER_BITS and (1 << cluster_bits) > 4096:
+                head = file.pread(min(file_size, 1 << cluster_bits), 0)
         if len(head) < L.HEADER_V2_LENGTH:
             raise ImageOpenError(f"'{path}' is too short to be a qcow2 image")
         self.header = h = parse_header(head, file_size)
@@ -115,6 +121,11 @@ class Qcow2Driver:
             raise ImageOpenError("L1 table offset is 0")
         self._check_table_in_file("L1 table", l1_offset, l1_size * 8, file_size)
         self.l1_offset = l1_offset
+        self._check_no_overlap(
+            ("header", 0, cs),
+            ("L1 table", l1_offset, l1_size * 8),
+            ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs),
+        )
         self.l1 = load_u64(file.pread(l1_size * 8, l1_offset)) if l1_size else array("Q")
         self.l1_dirty: set[int] = set()
         for c in range(geo.size_to_clusters(l1_size * 8)):
@@ -137,7 +148,8 @@ class Qcow2Driver:
         if h.has_data_file:
             if not h.data_file:
                 raise ImageOpenError("image needs an external data file but names none")
-            dpath = resolve_relative(path, h.data_file)
+            # qemu opens a relative data file name relative to the working directory
+            dpath = h.data_file
             try:
                 self.data_file = HostFile(dpath, writable)
             except OSError as e:
@@ -149,6 +161,8 @@ class Qcow2Driver:
                 raise ImageOpenError("a raw external data file cannot have a backing file")
             self.backing = open_backing(path, h.backing_file, h.backing_format, chain)
         self._last_compressed: tuple[int, bytes] = (-1, b"")
+        self._meta_prealloc: bool | None = None
+        self._file_size = file_size
         self._lazy_dirty = False
         if writable:
             if h.dirty:
@@ -168,6 +182,14 @@ class Qcow2Driver:
     def _check_table_in_file(self, what: str, offset: int, length: int, file_size: int) -> None:
         if offset + length > file_size:
             raise ImageOpenError(f"{what} lies past the end of the file")
+
+    def _check_no_overlap(self, *regions: tuple[str, int, int]) -> None:
+        cs = self.geo.cluster_size
+        spans = [(name, off, off + ((n + cs - 1) // cs) * cs) for name, off, n in regions if n]
+        for i, (na, a0, a1) in enumerate(spans):
+            for nb, b0, b1 in spans[i + 1 :]:
+                if a0 < b1 and b0 < a1:
+                    raise ImageOpenError(f"{na} overlaps the {nb}")
 
     def _find_snapshot(self, name: str) -> tuple[int, int, int]:
         from nbdqcow.qcow2.snapshot import read_snapshot_table
@@ -346,12 +368,14 @@ class Qcow2Driver:
     def _read(self, offset: int, length: int) -> bytes:
         runs = list(self.runs(offset, length))
         if len(runs) == 1 and runs[0][2] is SC.NORMAL:
+            self._check_in_file(runs[0][3], length)
             return self.data_file.pread(length, runs[0][3])
         buf = bytearray(length)
         mv = memoryview(buf)
         for start, n, t, host in runs:
             o = start - offset
             if t is SC.NORMAL:
+                self._check_in_file(host, n)
                 self.data_file.preadinto(mv[o : o + n], host)
             elif t in READS_ZERO:
                 continue
@@ -362,6 +386,15 @@ class Qcow2Driver:
                 co = start & (self.geo.cluster_size - 1)
                 mv[o : o + n] = data[co : co + n]
         return bytes(buf)
+
+    def _check_in_file(self, host: int, n: int) -> None:
+        """A data cluster past the end of the image file is an impossible entry.
+        (An external data file may be short: it reads like a raw file.)"""
+        if self.data_file is not self.file or host + n <= self._file_size:
+            return
+        self._file_size = self.file.size()
+        if host + n > self._file_size:
+            self.mark_corrupt(f"data cluster at {host:#x} lies past the end of the file")
 
     def _read_backing(self, out: memoryview, offset: int) -> None:
         b = self.backing
@@ -787,11 +820,33 @@ class Qcow2Driver:
         with self._lock:
             return self._block_status(offset, length)
 
+    def _metadata_preallocated(self) -> bool:
+        """Whether the image looks metadata-preallocated (host clusters refcounted well
+        beyond what the file really allocates).  Only then does block status ask the host
+        file where a data cluster is a hole; qemu 7.2 decides the same way."""
+        if self._meta_prealloc is None:
+            cs = self.geo.cluster_size
+            real_clusters = self.file.allocated_bytes() // cs
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            nb_clusters = self.geo.size_to_clusters(self.file.size())
+            rc = self.refcounts
+            count = 0
+            for c in range(nb_clusters):
+                if rc.get(c) > 0:
+                    count += 1
+                    if count >= threshold:
+                        break
+            self._meta_prealloc = count >= threshold
+        return self._meta_prealloc
+
     def _block_status(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
         fname = self.data_file.path
         for start, n, t, host in self.runs(offset, length):
             if t is SC.NORMAL:
+                if not self._metadata_preallocated():
+                    out.append(Extent(start, n, True, True, False, 0, host, fname))
+                    continue
                 for hs, hn, is_data in self.data_file.data_runs(host, n):
                     out.append(Extent(start + hs - host, hn, True, True, not is_data, 0, hs, fname))
             elif t is SC.ZERO_ALLOC:
@@ -801,19 +856,27 @@ class Qcow2Driver:
             elif t is SC.COMPRESSED:
                 out.append(Extent(start, n, True, True, False, 0, None, None))
             else:
-                out.extend(self._backing_status(start, n))
+                reserved = host if t is SC.UNALLOCATED_ALLOC else None
+                out.extend(self._backing_status(start, n, reserved, fname))
         return out
 
-    def _backing_status(self, start: int, n: int) -> list[Extent]:
+    def _backing_status(
+        self, start: int, n: int, reserved: int | None = None, fname: str | None = None
+    ) -> list[Extent]:
+        """Runs that fall through to the backing chain.  ``reserved``: host offset of an
+        extended-L2 reservation, reported where no backing file answers (as qemu does)."""
         b = self.backing
         if b is None or start >= b.size:
-            return [Extent(start, n, False, False, True, 0, None, None)]
+            return [Extent(start, n, False, False, True, 0, reserved,
+                           fname if reserved is not None else None)]
         out: list[Extent] = []
         bn = min(n, b.size - start)
         for x in b.block_status(start, bn):
             out.append(x._replace(depth=x.depth + 1))
         if bn < n:
-            out.append(Extent(start + bn, n - bn, False, False, True, 0, None, None))
+            r = reserved + bn if reserved is not None else None
+            out.append(Extent(start + bn, n - bn, False, False, True, 0, r,
+                              fname if r is not None else None))
         return out
 
 
