@@ -61,10 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def qemu_nbd_main(argv: Sequence[str] | None = None) -> int:
     """Entry point ``nbdqcow-nbd``: qemu-nbd's command line, no subcommand."""
-    from nbdqcow.cli import serve
+    from nbdqcow.cli.serve import add_arguments
 
     parser = argparse.ArgumentParser(prog="nbdqcow-nbd")
-    serve.add_arguments(parser)
+    add_arguments(parser)
     return run(argv, parser)
 
 
