@@ -41,6 +41,10 @@ class TableCache:
         self._insert(offset, t)
         return t
 
+    def get_cached(self, offset: int) -> array[int] | None:
+        """The table if it is cached (no load, no LRU update): for hot paths."""
+        return self._tables.get(offset)
+
     def insert_new(self, offset: int, table: array[int]) -> None:
         """A table that exists only in memory so far (dirty)."""
         self._insert(offset, table)

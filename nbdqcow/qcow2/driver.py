@@ -162,6 +162,8 @@ class Qcow2Driver:
             self.backing = open_backing(path, h.backing_file, h.backing_format, chain)
         self._last_compressed: tuple[int, bytes] = (-1, b"")
         self._meta_prealloc: bool | None = None
+        self._l1_shift = geo.l2_bits + geo.cluster_bits
+        self._l2_mask = geo.l2_size - 1
         self._file_size = file_size
         self._lazy_dirty = False
         if writable:
@@ -275,7 +277,7 @@ class Qcow2Driver:
         off = self.l1[l1i] & L.L1E_OFFSET_MASK
         if not off:
             return None
-        if off + self.geo.cluster_size > max(self.file.size(), off + 1) and off not in self.l2_cache:
+        if off not in self.l2_cache and off + self.geo.cluster_size > self.file.size():
             self.mark_corrupt(f"L2 table at {off:#x} lies past the end of the file")
         return self.l2_cache.get(off)
 
@@ -363,7 +365,41 @@ class Qcow2Driver:
     def pread(self, offset: int, length: int) -> bytes:
         check_range(self._size, offset, length)
         with self._lock:
+            host = self._fast_host(offset, length)
+            if host is not None:
+                return self.data_file.pread(length, host)
             return self._read(offset, length)
+
+    def _fast_host(self, offset: int, length: int) -> int | None:
+        """Hot path: host offset when [offset, offset+length) lies in one standard
+        cluster that holds data (or subclusters all allocated), else None."""
+        geo = self.geo
+        co = offset & (geo.cluster_size - 1)
+        if co + length > geo.cluster_size or self.data_file is not self.file:
+            return None
+        l1i = offset >> self._l1_shift
+        if l1i >= len(self.l1):
+            return None
+        table = self.l2_cache.get_cached(self.l1[l1i] & L.L1E_OFFSET_MASK)
+        if table is None:
+            return None
+        idx = (offset >> geo.cluster_bits) & self._l2_mask
+        if geo.extended_l2:
+            e, bm = table[2 * idx], table[2 * idx + 1]
+            first = co >> geo.subcluster_bits
+            mask = sc_range_mask(first, ((co + length - 1) >> geo.subcluster_bits) - first + 1)
+            if bm & mask != mask or (bm >> 32) & mask:
+                return None
+        else:
+            e = table[idx]
+            if e & ZERO_FLAG:
+                return None
+        if e & L.QCOW_OFLAG_COMPRESSED:
+            return None
+        h = e & OFF_MASK
+        if not h or h & (geo.cluster_size - 1) or h + co + length > self._file_size:
+            return None
+        return h + co
 
     def _read(self, offset: int, length: int) -> bytes:
         runs = list(self.runs(offset, length))
