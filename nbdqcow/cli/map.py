@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from nbdqcow.block.driver import BlockDriver, Extent
 from nbdqcow.block.open import open_image
+from nbdqcow.errors import ImageError
 
 CHUNK = 1 << 30  # qemu-img map asks for at most 1 GiB at a time
 
@@ -65,12 +66,12 @@ def extents(drv: BlockDriver, chunk: int = CHUNK) -> Iterator[MapEntry]:
         end = min(size, pos + chunk)
         got = drv.block_status(pos, end - pos)
         if not got:
-            raise RuntimeError(f"block status at {pos} returned nothing")
+            raise ImageError(f"block status at {pos} returned nothing")
         for e in got:
             if e.start + e.length <= pos:
                 continue
             if e.start > pos:
-                raise RuntimeError(f"block status skipped [{pos}, {e.start})")
+                raise ImageError(f"block status skipped [{pos}, {e.start})")
             stop = min(e.start + e.length, end)
             yield MapEntry.of(e, pos, stop - pos)
             pos = stop

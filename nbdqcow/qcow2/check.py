@@ -34,7 +34,6 @@ from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.entries import SC, std_type
 from nbdqcow.qcow2.geometry import Geometry
 from nbdqcow.qcow2.header import Header, encode_header, parse_header
-from nbdqcow.qcow2.snapshot import encode_table, read_snapshot_table
 from nbdqcow.qcow2.tables import load_refblock, load_u64, new_refblock, store_refblock, store_u64
 
 if TYPE_CHECKING:
@@ -47,6 +46,10 @@ _REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 _BITMAP_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
 _BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, ...
 _BITMAP_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+# snapshot table entry, fixed part: l1_table_offset, l1_size, id_str_size, name_size,
+# date_sec, date_nsec, vm_clock_nsec, vm_state_size, extra_data_size
+_SNAP_ENTRY = struct.Struct(">QIHHIIQII")
+_MAX_SNAPSHOT_EXTRA = 1024
 
 
 class CheckFailed(NbdqcowError):
@@ -104,6 +107,26 @@ class CheckResult:
         return out
 
 
+MAX_TABLE_READ = 64 * 1024 * 1024
+MAX_CLUSTERS = 1 << 31  # qemu-img check gives up beyond INT_MAX clusters as well
+_COUNT_CODES = {8: "B", 16: "H", 32: "L" if array("I").itemsize != 4 else "I", 64: "Q"}
+
+
+def read_at(file: HostFile, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``; what lies past the end of the file reads as zeros
+    (nothing is read at absurd offsets, and reads are capped at 64 MiB)."""
+    length = max(0, min(length, MAX_TABLE_READ))
+    size = file.size()
+    if offset >= size or length == 0:
+        return bytes(length)
+    return file.pread(length, offset)
+
+
+def _count_array(refcount_bits: int, n: int) -> array[int]:
+    code = _COUNT_CODES[max(8, refcount_bits)]
+    return array(code, bytes(array(code).itemsize * n))
+
+
 # --------------------------------------------------------------------------------------
 # counting every reference
 # --------------------------------------------------------------------------------------
@@ -117,7 +140,10 @@ class _Walk:
         self.cs = self.geo.cluster_size
         self.res = res
         self.file_size = file.size()
-        self.ref = array("Q", bytes(8 * self.geo.size_to_clusters(self.file_size)))
+        nb = self.geo.size_to_clusters(self.file_size)
+        if nb > MAX_CLUSTERS:
+            raise CheckFailed("File too large")
+        self.ref = _count_array(self.geo.refcount_bits, nb)
         self.rebuild = False
         self.outside = False
         self.refblock_errors = 0
@@ -137,7 +163,7 @@ class _Walk:
         first = offset >> self.geo.cluster_bits
         last = (offset + size - 1) >> self.geo.cluster_bits
         if last >= len(self.ref):
-            self.ref.extend(bytes(8 * (last + 1 - len(self.ref))))
+            self.ref.extend(_count_array(self.geo.refcount_bits, last + 1 - len(self.ref)))
         top = self.geo.refcount_max
         for c in range(first, last + 1):
             if self.ref[c] >= top:
@@ -149,14 +175,15 @@ class _Walk:
     # --- L1 / L2 ---------------------------------------------------------------------
     def l1(self, offset: int, l1_size: int, active: bool) -> None:
         self.inc(offset, l1_size * 8)
-        table = load_u64(self.file.pread(l1_size * 8, offset)) if l1_size else array("Q")
+        table = load_u64(read_at(self.file, l1_size * 8, offset)) if l1_size else array("Q")
         for e in table:
             if e & L.L1E_RESERVED_MASK:
                 self.msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
                 self.res.corruptions += 1
-            l2 = e & L.L1E_OFFSET_MASK
-            if not l2:
+            if not e:
                 continue
+            # like qemu-img, an entry with flags but no offset points at cluster 0
+            l2 = e & L.L1E_OFFSET_MASK
             self.inc(l2, self.cs)
             if l2 & (self.cs - 1):
                 self.msg(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; "
@@ -168,7 +195,7 @@ class _Walk:
     def l2(self, offset: int, active: bool) -> None:
         geo, res = self.geo, self.res
         ext = geo.extended_l2
-        words = load_u64(self.file.pread(self.cs, offset))
+        words = load_u64(read_at(self.file, self.cs, offset))
         step = geo.l2_entry_words
         data_file = self.h.has_data_file
         next_contiguous = 0
@@ -225,18 +252,46 @@ class _Walk:
 
     # --- cold metadata ---------------------------------------------------------------
     def snapshots(self) -> None:
+        """Walk the snapshot table like qemu-img check: an entry that runs past the end
+        of the file ends the table (a corruption); an entry whose L1 table is unaligned
+        or too large is a corruption and is not followed."""
         h = self.h
         if not h.nb_snapshots:
             return
-        try:
-            snaps = read_snapshot_table(self.file, h)
-        except ImageOpenError as e:
-            self.msg(f"ERROR reading the snapshot table: {e}")
-            self.res.check_errors += 1
-            return
-        for s in snaps:
-            self.l1(s.l1_table_offset, s.l1_size, False)
-        self.inc(h.snapshots_offset, len(encode_table(snaps)))
+        base = h.snapshots_offset
+        pos = 0
+        for i in range(h.nb_snapshots):
+            if pos > L.MAX_SNAPSHOTS * 1024 * 64:
+                self.msg("ERROR snapshot table is too big")
+                self.res.corruptions += 1
+                break
+            fixed = read_at(self.file, _SNAP_ENTRY.size, base + pos)
+            l1_off, l1_size, id_len, name_len, *_, extra_len = _SNAP_ENTRY.unpack(fixed)
+            if extra_len > _MAX_SNAPSHOT_EXTRA:
+                raise ImageOpenError(f"Too much extra metadata in snapshot table entry {i}")
+            names = base + pos + _SNAP_ENTRY.size + extra_len
+            end = pos + _SNAP_ENTRY.size + extra_len + id_len + name_len
+            if base + end > self.file_size:
+                self.msg(f"ERROR snapshot table entry {i} is incomplete")
+                self.res.corruptions += 1
+                pos = end
+                break
+            pos = (end + 7) & ~7
+            raw = read_at(self.file, id_len + name_len, names)
+            sid = raw[:id_len].decode("utf-8", "replace")
+            name = raw[id_len:].decode("utf-8", "replace")
+            if l1_off & (self.cs - 1):
+                self.msg(f"ERROR snapshot {sid} ({name}) l1_offset={l1_off:#x}: L1 table is "
+                         "not cluster aligned; snapshot table entry corrupted")
+                self.res.corruptions += 1
+                continue
+            if l1_size * 8 > L.MAX_L1_BYTES:
+                self.msg(f"ERROR snapshot {sid} ({name}) l1_size={l1_size:#x}: L1 table is "
+                         "too large; snapshot table entry corrupted")
+                self.res.corruptions += 1
+                continue
+            self.l1(l1_off, l1_size, False)
+        self.inc(base, pos)
 
     def bitmaps(self) -> None:
         h = self.h
@@ -251,7 +306,7 @@ class _Walk:
         if not count:
             return
         self.inc(doff, dsize)
-        buf = self.file.pread(dsize, doff)
+        buf = read_at(self.file, dsize, doff)
         pos = 0
         for _ in range(count):
             if pos + _BITMAP_ENTRY.size > len(buf):
@@ -261,7 +316,7 @@ class _Walk:
             toff, tsize, _, _, _, nlen, elen = _BITMAP_ENTRY.unpack_from(buf, pos)
             pos = (pos + _BITMAP_ENTRY.size + elen + nlen + 7) & ~7
             self.inc(toff, tsize * 8)
-            for e in load_u64(self.file.pread(tsize * 8, toff)):
+            for e in load_u64(read_at(self.file, tsize * 8, toff)):
                 off = e & _BITMAP_TABLE_OFFSET_MASK
                 if off:
                     self.inc(off, self.cs)
@@ -322,8 +377,8 @@ class _Stored:
         self.file = file
         self.geo = geo
         cs = geo.cluster_size
-        self.table = load_u64(file.pread(header.refcount_table_clusters * cs,
-                                         header.refcount_table_offset))
+        self.table = load_u64(read_at(file, header.refcount_table_clusters * cs,
+                                      header.refcount_table_offset))
         self.blocks: dict[int, array[int] | None] = {}
         self.dirty: set[int] = set()
         self.bits = geo.refcount_block_bits
@@ -335,10 +390,10 @@ class _Stored:
             return self.blocks[rti]
         off = self.table[rti] & L.REFT_OFFSET_MASK
         blk: array[int] | None
-        if off & (self.geo.cluster_size - 1):
-            blk = None
+        if off & (self.geo.cluster_size - 1) or off >= (1 << 63) - self.geo.cluster_size:
+            blk = None  # qemu: "Can't get refcount ... Input/output error"
         else:
-            blk = load_refblock(self.file.pread(self.geo.cluster_size, off),
+            blk = load_refblock(read_at(self.file, self.geo.cluster_size, off),
                                 self.geo.refcount_bits)
         self.blocks[rti] = blk
         return blk
@@ -424,7 +479,7 @@ def _check_copied(
     """
     repair = bool(fix & FIX_ERRORS) or (
         bool(fix & FIX_LEAKS) and not (res.check_errors or res.corruptions or res.leaks))
-    l1 = load_u64(file.pread(header.l1_size * 8, header.l1_table_offset))
+    l1 = load_u64(read_at(file, header.l1_size * 8, header.l1_table_offset))
     l1_dirty = False
     cs = geo.cluster_size
     data_file = header.has_data_file
@@ -444,7 +499,7 @@ def _check_copied(
                 res.corruptions_fixed += 1
             else:
                 res.corruptions += 1
-        table = load_u64(file.pread(cs, l2off))
+        table = load_u64(read_at(file, cs, l2off))
         dirty = False
         for j in range(0, len(table), step):
             ent = table[j]
@@ -565,7 +620,7 @@ def _rebuild(file: HostFile, header: Header, geo: Geometry) -> Header:
     if nt * cs > L.MAX_REFTABLE_BYTES:
         raise CheckFailed("refcount table would exceed its maximum size")
     if len(ref) < start + nt + nb:
-        ref.extend(bytes(8 * (start + nt + nb - len(ref))))
+        ref.extend(_count_array(geo.refcount_bits, start + nt + nb - len(ref)))
     for c in range(start, start + nt + nb):
         ref[c] = 1
     table = array("Q", bytes(nt * cs))
@@ -602,6 +657,9 @@ def check_file(file: HostFile, filename: str, repair: str | None = None) -> Chec
         raise ValueError(f"unknown repair mode {repair!r}")
     fix = _REPAIR_MODES[repair]
     header = _read_header(file)
+    geo = Geometry(header.cluster_bits, header.refcount_order, header.extended_l2)
+    if header.l1_size < geo.l1_entries_for(header.size):
+        raise ImageOpenError("L1 table is too small")
     res = CheckResult(filename)
     header = _one_pass(file, header, fix, res)
     if res.failure or not fix:
