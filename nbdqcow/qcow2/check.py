@@ -692,7 +692,10 @@ def check_image(path_or_driver: str | Qcow2Driver, repair: str | None = None) ->
 def rebuild_refcounts(driver: Qcow2Driver) -> None:
     """Repair a dirty image (lazy refcounts) at a writable open: recount every cluster,
     write the refcounts and COPIED flags that follow, clear the dirty bit."""
-    res = check_file(driver.file, driver.path, "all")
+    try:
+        res = check_file(driver.file, driver.path, "all")
+    except CheckFailed as e:
+        raise ImageOpenError(f"'{driver.path}': could not repair a dirty image: {e}") from None
     if res.failure or res.check_errors or res.corruptions:
         raise ImageOpenError(
             f"'{driver.path}': could not repair the refcounts of a dirty image "

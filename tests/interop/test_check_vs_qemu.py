@@ -453,3 +453,23 @@ def test_encrypted_image_needs_no_key(tmp_path: Path, qemu_tools: None) -> None:
     assert our_check(path, "-r", "leaks")[0] == 0
     p = imagegen.qemu_img("check", "--object", secret, "--image-opts", opts, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_snapshot_entry_with_unaligned_l1(tmp_path: Path, qemu_tools: None) -> None:
+    path = written(tmp_path)
+    imagegen.qemu_img("snapshot", "-c", "s1", str(path))
+    b = path.read_bytes()
+    table = struct.unpack_from(">Q", b, 64)[0]
+    l1 = struct.unpack_from(">Q", b, table)[0]
+    Raw(path)._put(table, struct.pack(">Q", l1 + 8))
+    want = assert_same_check(path)
+    assert want["corruptions"] == 1 and want["leaks"] >= 1
+
+
+def test_l1_entry_without_offset(tmp_path: Path, qemu_tools: None) -> None:
+    """An L1 entry holding only flags: qemu-img reads cluster 0 as its L2 table."""
+    path = written(tmp_path)
+    raw = Raw(path)
+    raw._put(raw.l1_offset, struct.pack(">Q", COPIED))
+    want = assert_same_check(path)
+    assert want["corruptions"] >= 1
