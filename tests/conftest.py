@@ -18,11 +18,11 @@ from tooling import ServerFactory, _factory, require_tool  # noqa: E402
 @pytest.fixture
 def nbdqcow_server(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start ``nbdqcow serve [args] IMAGE`` on a unix socket (or ``tcp=True``)."""
-    yield from _factory(tmp_path, lambda: [sys.executable, "-m", "nbdqcow", "serve"])
+    yield from _factory(tmp_path, lambda: [sys.executable, "-m", "nbdqcow", "serve"], "nbdqcow")
 
 
 @pytest.fixture
 def qemu_nbd_server(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start ``qemu-nbd [args] IMAGE`` the same way (the reference server)."""
     require_tool("qemu-nbd")
-    yield from _factory(tmp_path, lambda: ["qemu-nbd"])
+    yield from _factory(tmp_path, lambda: ["qemu-nbd"], "qemu-nbd")

@@ -90,13 +90,15 @@ def _wait_ready(proc: subprocess.Popen[bytes], sock: Path | None, port: int | No
 ServerFactory = Callable[..., Served]
 
 
-def _factory(tmp_path: Path, base_cmd: Callable[[], list[str]]) -> Iterator[ServerFactory]:
+def _factory(tmp_path: Path, base_cmd: Callable[[], list[str]], prefix: str
+             ) -> Iterator[ServerFactory]:
+    """Start servers; ``prefix`` keeps the sockets and logs of two factories apart."""
     started: list[Served] = []
 
     def start(image: str | os.PathLike[str], *args: str, tcp: bool = False,
               name: str = "", wait: bool = True) -> Served:
         n = len(started)
-        log = tmp_path / f"server{n}.log"
+        log = tmp_path / f"{prefix}{n}.log"
         sock: Path | None = None
         port: int | None = None
         cmd = base_cmd()
@@ -105,7 +107,7 @@ def _factory(tmp_path: Path, base_cmd: Callable[[], list[str]]) -> Iterator[Serv
             cmd += ["-b", "127.0.0.1", "-p", str(port)]
             uri = f"nbd://127.0.0.1:{port}/{name}"
         else:
-            sock = tmp_path / f"nbd{n}.sock"
+            sock = tmp_path / f"{prefix}{n}.sock"
             cmd += ["-k", str(sock)]
             uri = f"nbd+unix:///{name}?socket={sock}"
         if name:
