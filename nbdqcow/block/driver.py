@@ -36,6 +36,7 @@ class Extent(NamedTuple):
     ``depth``: chain layer that answered (0 = this image, 1 = first backing file...);
     for runs not present anywhere, the depth of the bottom layer.
     ``offset``: host offset in ``filename`` when the run maps to host bytes, else None.
+    ``reserved``: see the field.
     """
 
     start: int
@@ -46,6 +47,9 @@ class Extent(NamedTuple):
     depth: int
     offset: int | None
     filename: str | None = None
+    # host space is kept for this run and a write lands there in place (no allocation,
+    # no fragmentation): NBD base:allocation reports it without HOLE even when zero
+    reserved: bool = False
 
     @property
     def allocation_depth(self) -> int:

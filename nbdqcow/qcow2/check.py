@@ -645,6 +645,7 @@ def _rebuild(file: HostFile, header: Header, geo: Geometry) -> Header:
 def _mark_clean(file: HostFile, header: Header) -> Header:
     feats = header.incompatible_features & ~(L.INCOMPAT_DIRTY | L.INCOMPAT_CORRUPT)
     if feats != header.incompatible_features:
+        file.sync()  # every repair is on disk before the header says the image is clean
         header = header.replace(incompatible_features=feats)
         file.pwrite(encode_header(header), 0)
         file.sync()

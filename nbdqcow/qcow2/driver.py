@@ -162,6 +162,8 @@ class Qcow2Driver:
             self.backing = open_backing(path, h.backing_file, h.backing_format, chain)
         self._last_compressed: tuple[int, bytes] = (-1, b"")
         self._meta_prealloc: bool | None = None
+        # under "preserve", kept host clusters take writes in place: not holes for NBD
+        self._reserved = self.policy is Policy.PRESERVE
         self._l1_shift = geo.l2_bits + geo.cluster_bits
         self._l2_mask = geo.l2_size - 1
         self._file_size = file_size
@@ -724,6 +726,9 @@ class Qcow2Driver:
         e, _ = self._entry(pos)
         owned = bool(e & COPIED) and bool(e & OFF_MASK)
         keep = owned and self.policy.keep_host(op)
+        if op is Op.DISCARD and self.policy is Policy.PRESERVE:
+            # no zero flag to mark a kept cluster: TRIM is advisory, leave it as it is
+            return False
         if op is Op.DISCARD and not keep:
             # reads the backing file afterwards (or zeros without one)
             if not dry and e:
@@ -886,7 +891,8 @@ class Qcow2Driver:
                 for hs, hn, is_data in self.data_file.data_runs(host, n):
                     out.append(Extent(start + hs - host, hn, True, True, not is_data, 0, hs, fname))
             elif t is SC.ZERO_ALLOC:
-                out.append(Extent(start, n, True, False, True, 0, host, fname))
+                out.append(Extent(start, n, True, False, True, 0, host, fname,
+                                  self._reserved))
             elif t is SC.ZERO_PLAIN:
                 out.append(Extent(start, n, True, False, True, 0, None, None))
             elif t is SC.COMPRESSED:
@@ -904,15 +910,17 @@ class Qcow2Driver:
         b = self.backing
         if b is None or start >= b.size:
             return [Extent(start, n, False, False, True, 0, reserved,
-                           fname if reserved is not None else None)]
+                           fname if reserved is not None else None,
+                           reserved is not None and self._reserved)]
         out: list[Extent] = []
         bn = min(n, b.size - start)
+        keep = reserved is not None and self._reserved
         for x in b.block_status(start, bn):
-            out.append(x._replace(depth=x.depth + 1))
+            out.append(x._replace(depth=x.depth + 1, reserved=x.reserved or keep))
         if bn < n:
             r = reserved + bn if reserved is not None else None
             out.append(Extent(start + bn, n - bn, False, False, True, 0, r,
-                              fname if r is not None else None))
+                              fname if r is not None else None, keep))
         return out
 
 

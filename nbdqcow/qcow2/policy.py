@@ -42,4 +42,4 @@ class Policy(Enum):
         return op is Op.WRITE_ZEROES
 
 
-DEFAULT_POLICY = Policy.RELEASE
+DEFAULT_POLICY = Policy.PRESERVE
