@@ -169,6 +169,10 @@ class Qcow2Driver:
         self._file_size = file_size
         self._lazy_dirty = False
         if writable:
+            if h.nb_snapshots:
+                from nbdqcow.qcow2.unshare import register_snapshot_metadata
+
+                register_snapshot_metadata(self)
             if h.dirty:
                 from nbdqcow.qcow2.check import rebuild_refcounts
 
@@ -339,6 +343,14 @@ class Qcow2Driver:
     def _abort_data_cluster(self, host: int) -> None:
         if not self.header.has_data_file:
             self.refcounts.update(host >> self.geo.cluster_bits, -1)
+
+    def _unshare(self, pos: int, host: int) -> bool:
+        """Under ``preserve``, give snapshots their own copy so the live cluster stays."""
+        if self.policy is not Policy.PRESERVE or not self.header.nb_snapshots:
+            return False
+        from nbdqcow.qcow2.unshare import move_snapshot_copy
+
+        return move_snapshot_copy(self, pos, host)
 
     def _release(self, entry: int) -> None:
         """Queue the decrement of whatever host clusters an (old) L2 entry held."""
@@ -542,6 +554,11 @@ class Qcow2Driver:
         e = table[idx]
         t = std_type(e, self.header.has_data_file)
         owned = bool(e & COPIED) and t in HAS_HOST
+        if t is SC.NORMAL and not owned and self._unshare(pos, e & OFF_MASK):
+            table[idx] = e | COPIED
+            self.l2_cache.mark_dirty(l2off)
+            self._data_write(piece, (e & OFF_MASK) + co)
+            return
         if owned:
             # kept cluster (zero-allocated): write in place, the rest of it reads zero
             h = e & OFF_MASK
@@ -591,6 +608,10 @@ class Qcow2Driver:
         mask = sc_range_mask(first, last - first + 1)
         h = e & OFF_MASK
         has_host = bool(h) or (self.header.has_data_file and bool(e & COPIED))
+        if has_host and not e & (COPIED | L.QCOW_OFLAG_COMPRESSED) and self._unshare(pos, h):
+            e |= COPIED
+            table[2 * idx] = e
+            self.l2_cache.mark_dirty(l2off)
         if e & L.QCOW_OFLAG_COMPRESSED or (has_host and not e & COPIED):
             # shared or compressed: copy the whole cluster, then write
             buf = self._cluster_image(cstart, co, piece, zero_rest=False)
@@ -709,6 +730,9 @@ class Qcow2Driver:
         e = table[idx]
         t = std_type(e, h.has_data_file)
         owned = bool(e & COPIED) and t in HAS_HOST
+        if t is SC.NORMAL and not owned and self._unshare(pos, e & OFF_MASK):
+            e |= COPIED
+            owned = True
         if owned and self.policy.keep_host(op):
             table[idx] = (e & OFF_MASK) | COPIED | ZERO_FLAG
         else:
@@ -783,6 +807,9 @@ class Qcow2Driver:
         idx = geo.offset_to_l2_index(pos)
         e, bm = table[2 * idx], table[2 * idx + 1]
         has_host = bool(e & OFF_MASK) or (self.header.has_data_file and bool(e & COPIED))
+        if has_host and not e & (COPIED | L.QCOW_OFLAG_COMPRESSED) and self._unshare(pos, e & OFF_MASK):
+            e |= COPIED
+            table[2 * idx] = e
         whole = mask == 0xFFFFFFFF
         if e & L.QCOW_OFLAG_COMPRESSED or (has_host and not e & COPIED):
             if not whole:

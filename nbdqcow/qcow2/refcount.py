@@ -85,6 +85,10 @@ class Refcounts:
         if v == 0 and cluster < self.free_hint:
             self.free_hint = cluster
 
+    def effective(self, cluster: int) -> int:
+        """The refcount once queued decrements are applied."""
+        return self.get(cluster) - self.pending_frees.count(cluster)
+
     def free_later(self, cluster: int) -> None:
         self.pending_frees.append(cluster)
 
