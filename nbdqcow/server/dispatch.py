@@ -94,7 +94,9 @@ def _zeros(k: int) -> bytes:
 
 
 def _allocation_flags(e: Extent) -> int:
-    return (0 if e.data else _HOLE) | (_ZERO if e.zero else 0)
+    # HOLE means "a write here may allocate (or fail with ENOSPC)": a run whose host
+    # space is kept (Extent.reserved, the preserve policy) is no hole even when zero
+    return (0 if e.data or e.reserved else _HOLE) | (_ZERO if e.zero else 0)
 
 
 def _depth_flags(e: Extent) -> int:
