@@ -349,7 +349,7 @@ def test_fio_verify(tmp_path: Path, nbdqcow_server: ServerFactory) -> None:
     res = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randwrite",
               "--bs=4k,64k", "--bsrange=4k-256k", "--iodepth=16", "--size=32M",
               "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",
-              timeout=120)
+              timeout=120, cwd=str(tmp_path))  # fio leaves its verify state in the cwd
     job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 32 * MiB and job["read"]["io_bytes"] >= 32 * MiB
