@@ -1,7 +1,7 @@
 """``nbdqcow snapshot``: qemu-img snapshot's command line.
 
-Each action is one entry of ``_ACTIONS`` (flag -> handler); ``-l`` lists today, and
-create/delete/apply (-c/-d/-a) plug in the same way.
+Each action is one entry of ``_ACTIONS`` (flag -> handler): ``-l`` lists, ``-c`` creates,
+``-d`` deletes, ``-a`` applies (reverts to) a snapshot, on a closed image.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from nbdqcow.cli.sizes import format_size
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2.info import check_open_limits, read_header, snapshot_table_lines
 from nbdqcow.qcow2.snapshot import read_snapshot_table
+from nbdqcow.qcow2.snapshot_ops import apply_snapshot, create_snapshot, delete_snapshot
 
 
 def list_snapshots(args: argparse.Namespace) -> int:
@@ -35,14 +36,41 @@ def list_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qcow2_only(args: argparse.Namespace) -> None:
+    fmt = args.format or probe_format(args.file)
+    if fmt != "qcow2":
+        raise ImageOpenError(f"'{args.file}': raw images have no internal snapshots")
+
+
+def create(args: argparse.Namespace) -> int:
+    _qcow2_only(args)
+    create_snapshot(args.file, args.act_create)
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    _qcow2_only(args)
+    delete_snapshot(args.file, args.act_delete)
+    return 0
+
+
+def apply(args: argparse.Namespace) -> int:
+    _qcow2_only(args)
+    apply_snapshot(args.file, args.act_apply)
+    return 0
+
+
 # action name -> (flag, takes a snapshot name, handler)
 _ACTIONS: dict[str, tuple[str, bool, Callable[[argparse.Namespace], int]]] = {
     "list": ("-l", False, list_snapshots),
+    "create": ("-c", True, create),
+    "delete": ("-d", True, delete),
+    "apply": ("-a", True, apply),
 }
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    chosen = [name for name in _ACTIONS if getattr(args, f"act_{name}")]
+    chosen = [name for name in _ACTIONS if getattr(args, f"act_{name}") not in (None, False)]
     if len(chosen) != 1:
         flags = "|".join(flag for flag, _, _ in _ACTIONS.values())
         raise ImageOpenError(f"choose exactly one of {flags}")
