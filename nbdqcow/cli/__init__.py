@@ -15,7 +15,7 @@ from nbdqcow import __version__
 from nbdqcow.errors import NbdqcowError
 
 # subcommand modules, in help order
-_COMMANDS = ("serve", "create", "info", "map", "check", "snapshot")
+_COMMANDS = ("serve", "create", "info", "map", "check", "snapshot", "layout", "relayout")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,202 @@
+"""Guest -> host layout of a qcow2 image, classified for people (qcow2.txt "Cluster
+mapping", "Host cluster management").
+
+:func:`mapping_summary` answers "is host = guest + one constant?" (and if not, how many
+runs and how many clusters are out of place); :func:`host_kinds` and :func:`guest_runs`
+give what a picture needs: the kind of every guest run and of every host cluster.
+Nothing here changes an image.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from enum import IntEnum
+
+from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.driver import Qcow2Driver
+from nbdqcow.qcow2.entries import SC
+from nbdqcow.qcow2.snapshot import encode_table, read_snapshot_table
+from nbdqcow.qcow2.tables import load_u64
+
+
+class Kind(IntEnum):
+    FREE = 0  # host: refcount 0, nothing points here
+    METADATA = 1
+    DATA = 2
+    KEPT_ZERO = 3  # reads zero, host cluster kept (zero-alloc)
+    RESERVED = 4  # extended-L2 unallocated-alloc: host space reserved
+    COMPRESSED = 5
+    ZERO = 6  # guest: reads zero, no host cluster
+    UNALLOCATED = 7  # guest: no host cluster
+    OTHER = 8  # host: in use by a snapshot only (or leaked)
+
+
+KIND_LABEL = {
+    Kind.FREE: "free", Kind.METADATA: "metadata", Kind.DATA: "data",
+    Kind.KEPT_ZERO: "kept zero", Kind.RESERVED: "reserved", Kind.COMPRESSED: "compressed",
+    Kind.ZERO: "zero (no host)", Kind.UNALLOCATED: "unallocated",
+    Kind.OTHER: "snapshot / leaked",
+}
+_SC_KIND = {
+    SC.NORMAL: Kind.DATA, SC.ZERO_ALLOC: Kind.KEPT_ZERO, SC.UNALLOCATED_ALLOC: Kind.RESERVED,
+    SC.COMPRESSED: Kind.COMPRESSED, SC.ZERO_PLAIN: Kind.ZERO,
+    SC.UNALLOCATED_PLAIN: Kind.UNALLOCATED, SC.INVALID: Kind.UNALLOCATED,
+}
+_MAPPED = frozenset({SC.NORMAL, SC.ZERO_ALLOC, SC.UNALLOCATED_ALLOC})
+
+
+@dataclass(frozen=True)
+class GuestRun:
+    start: int
+    length: int
+    kind: Kind
+    host: int | None  # host byte offset of ``start`` for mapped kinds
+
+
+@dataclass(frozen=True)
+class MappingSummary:
+    """How guest clusters sit in the host file."""
+
+    cluster_size: int
+    mapped_clusters: int
+    runs: int  # maximal runs that are contiguous in guest and host
+    offset: int | None  # host - guest of most mapped bytes (None: nothing mapped)
+    out_of_place: int  # mapped clusters whose host - guest differs from ``offset``
+    external_data_file: bool = False
+
+    @property
+    def constant(self) -> bool:
+        return self.offset is not None and self.out_of_place == 0
+
+    @property
+    def verdict(self) -> str:
+        if self.offset is None:
+            return "no guest cluster is mapped"
+        where = "data file offset" if self.external_data_file else "host"
+        if self.constant:
+            sign = "+" if self.offset >= 0 else "-"
+            return f"constant: {where} = guest {sign} {abs(self.offset):#x}"
+        return (f"{self.runs} runs, {self.out_of_place} of {self.mapped_clusters} "
+                f"clusters out of place")
+
+
+def guest_runs(d: Qcow2Driver) -> list[GuestRun]:
+    """Guest runs of one kind (mapped runs also contiguous on the host)."""
+    out: list[GuestRun] = []
+    for start, n, t, host in d.runs(0, d.size):
+        kind = _SC_KIND[t]
+        h = host if t in _MAPPED else None
+        if out:
+            p = out[-1]
+            if (p.kind is kind and kind is not Kind.COMPRESSED and p.start + p.length == start
+                    and (h is None) == (p.host is None)
+                    and (h is None or p.host is not None and p.host + p.length == h)):
+                out[-1] = GuestRun(p.start, p.length + n, kind, p.host)
+                continue
+        out.append(GuestRun(start, n, kind, h))
+    return out
+
+
+def summarize(runs: list[GuestRun], cluster_size: int, external: bool = False) -> MappingSummary:
+    by_delta: Counter[int] = Counter()
+    clusters_by_delta: Counter[int] = Counter()
+    nruns = 0
+    prev_end: tuple[int, int] | None = None
+    for r in runs:
+        if r.host is None:
+            prev_end = None
+            continue
+        delta = r.host - r.start
+        by_delta[delta] += r.length
+        first = r.start // cluster_size
+        last = (r.start + r.length - 1) // cluster_size
+        clusters_by_delta[delta] += last - first + 1
+        if prev_end != (r.start, r.host):
+            nruns += 1
+        prev_end = (r.start + r.length, r.host + r.length)
+    if not by_delta:
+        return MappingSummary(cluster_size, 0, 0, None, 0, external)
+    offset = max(by_delta, key=lambda k: (by_delta[k], -k))
+    mapped = sum(clusters_by_delta.values())
+    return MappingSummary(cluster_size, mapped, nruns, offset,
+                          mapped - clusters_by_delta[offset], external)
+
+
+def mapping_summary(d: Qcow2Driver) -> MappingSummary:
+    """Constant offset or not, number of runs, clusters out of place (for ``check``)."""
+    return summarize(guest_runs(d), d.geo.cluster_size, d.header.has_data_file)
+
+
+def host_kinds(d: Qcow2Driver, runs: list[GuestRun] | None = None) -> bytearray:
+    """The :class:`Kind` of every host cluster of the image file."""
+    geo = d.geo
+    cb = geo.cluster_bits
+    n = geo.size_to_clusters(d.file.size())
+    kinds = bytearray(n)
+    rc = d.refcounts
+    for c in range(n):
+        if rc.get(c):
+            kinds[c] = Kind.OTHER
+
+    def mark(c: int, k: Kind) -> None:
+        if 0 <= c < n:
+            kinds[c] = k
+
+    for c in _metadata_clusters(d):
+        mark(c, Kind.METADATA)
+    if not d.header.has_data_file:
+        for r in runs if runs is not None else guest_runs(d):
+            if r.host is not None:
+                for c in range(r.host >> cb, ((r.host + r.length - 1) >> cb) + 1):
+                    mark(c, r.kind)
+        step = geo.l2_entry_words
+        for e in d.l1:
+            off = e & L.L1E_OFFSET_MASK
+            if not off:
+                continue
+            table = d.l2_cache.get(off)
+            for i in range(0, len(table), step):
+                if table[i] & L.QCOW_OFLAG_COMPRESSED:
+                    for c in geo.compressed_host_clusters(table[i]):
+                        mark(c, Kind.COMPRESSED)
+    return kinds
+
+
+def _metadata_clusters(d: Qcow2Driver) -> set[int]:
+    cb = d.geo.cluster_bits
+    out = set(d.meta)
+    h = d.header
+    try:
+        snaps = read_snapshot_table(d.file, h)
+    except Exception:  # a broken table is check's business, not the picture's
+        snaps = []
+    if snaps:
+        tlen = len(encode_table(snaps))
+        out.update(range(h.snapshots_offset >> cb, (h.snapshots_offset + tlen - 1 >> cb) + 1))
+    for s in snaps:
+        if not s.l1_size:
+            continue
+        out.update(range(s.l1_table_offset >> cb,
+                         ((s.l1_table_offset + s.l1_size * 8 - 1) >> cb) + 1))
+        sl1: array[int] = load_u64(d.file.pread(s.l1_size * 8, s.l1_table_offset))
+        for e in sl1:
+            if e & L.L1E_OFFSET_MASK:
+                out.add((e & L.L1E_OFFSET_MASK) >> cb)
+    return out
+
+
+def host_runs(kinds: bytearray) -> list[tuple[int, int, Kind]]:
+    """(first cluster, count, kind) runs of :func:`host_kinds`."""
+    out: list[tuple[int, int, Kind]] = []
+    i = 0
+    n = len(kinds)
+    while i < n:
+        k = kinds[i]
+        j = i + 1
+        while j < n and kinds[j] == k:
+            j += 1
+        out.append((i, j - i, Kind(k)))
+        i = j
+    return out
