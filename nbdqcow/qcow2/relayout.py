@@ -1,0 +1,174 @@
+"""Rewrite an image into the constant-offset layout (qcow2.txt "Cluster mapping";
+layout as create.py's preallocated modes: all metadata first, then host = guest + one
+constant for every guest cluster).
+
+The new image is built in a temporary file beside the target (same options, made by
+create.py), data copied cluster by cluster with every cluster's state kept (data, zero,
+unallocated/backing), synced, and renamed over the target; the directory is synced.
+Killed at any point before the rename, the original is untouched (a stale temporary
+file is removed by the next run).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nbdqcow.errors import NbdqcowError
+from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.create import Qcow2Options, create_qcow2, plan_layout
+from nbdqcow.qcow2.driver import Qcow2Driver
+from nbdqcow.qcow2.entries import SC
+
+TMP_SUFFIX = ".relayout-tmp"
+COPIED = L.QCOW_OFLAG_COPIED
+OFF_MASK = L.L2E_OFFSET_MASK
+_DATA = frozenset({SC.NORMAL, SC.COMPRESSED})
+_ZERO = frozenset({SC.ZERO_PLAIN, SC.ZERO_ALLOC})
+
+Progress = Callable[[int, int], None]
+
+
+class RelayoutError(NbdqcowError):
+    """The image cannot be relaid out (internal snapshots, bitmaps, data file...)."""
+
+
+@dataclass(frozen=True)
+class RelayoutResult:
+    path: str
+    clusters: int
+    data_offset: int  # host - guest in the new image
+
+
+def tmp_path_for(target: str) -> str:
+    d, base = os.path.split(os.path.abspath(target))
+    return os.path.join(d, f".{base}{TMP_SUFFIX}")
+
+
+def _options(src: Qcow2Driver, prealloc: str) -> Qcow2Options:
+    h = src.header
+    if h.nb_snapshots:
+        raise RelayoutError("images with internal snapshots cannot be relaid out "
+                            "(delete the snapshots first)")
+    if h.has_data_file:
+        raise RelayoutError("an external data file already maps guest = host offsets")
+    if h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        raise RelayoutError("images with persistent bitmaps cannot be relaid out yet")
+    policy = h.extension(L.EXT_NBDQCOW_POLICY)
+    return Qcow2Options(
+        version=h.version, cluster_bits=h.cluster_bits, refcount_order=h.refcount_order,
+        lazy_refcounts=h.lazy_refcounts, extended_l2=h.extended_l2,
+        compression_type=h.compression_type, backing_file=h.backing_file,
+        backing_fmt=h.backing_format, preallocation=prealloc,
+        mapping=policy.decode("ascii", "replace").strip("\0") if policy else None,
+    )
+
+
+def _choose_prealloc(src: Qcow2Driver) -> str:
+    """falloc when the source file is (nearly) fully allocated on the host, else metadata
+    (sparse data area)."""
+    size = src.file.size()
+    return "falloc" if size and src.file.allocated_bytes() * 10 >= size * 9 else "metadata"
+
+
+def _copy_cluster(src: Qcow2Driver, dst: Qcow2Driver, gc: int) -> None:
+    geo = dst.geo
+    cs = geo.cluster_size
+    pos = gc * cs
+    n = min(cs, src.size - pos)
+    l1i = geo.offset_to_l1_index(pos)
+    l2off = dst.l1[l1i] & L.L1E_OFFSET_MASK
+    table = dst.l2_cache.get(l2off)
+    idx = geo.offset_to_l2_index(pos)
+    pieces = list(src.runs(pos, n))
+    if geo.extended_l2:
+        e = table[2 * idx]
+        host = e & OFF_MASK
+        alloc = zero = 0
+        for start, rn, t, _ in pieces:
+            first = (start - pos) >> geo.subcluster_bits
+            last = (start - pos + rn - 1) >> geo.subcluster_bits
+            mask = ((1 << (last - first + 1)) - 1) << first
+            if t in _DATA:
+                _copy_data(src, dst, start, rn, host + start - pos)
+                alloc |= mask
+            elif t in _ZERO:
+                zero |= mask
+        if any(t is SC.COMPRESSED for _, _, t, _ in pieces):
+            alloc, zero = (1 << 32) - 1, 0
+            _copy_data(src, dst, pos, n, host)
+        table[2 * idx] = host | COPIED
+        table[2 * idx + 1] = alloc | (zero << 32)
+    else:
+        e = table[idx]
+        host = e & OFF_MASK
+        t = pieces[0][2]
+        if t in _DATA:
+            _copy_data(src, dst, pos, n, host)
+        elif t in _ZERO or (t is SC.UNALLOCATED_PLAIN and src.backing is None):
+            if dst.header.version >= 3:
+                table[idx] = host | COPIED | L.QCOW_OFLAG_ZERO
+            # version 2: the fresh data area already reads as zeros
+        else:
+            # falls through to the backing file: no host cluster possible without
+            # extended L2; the cluster stays free in the new image
+            table[idx] = 0
+            dst.refcounts.free_later(host >> geo.cluster_bits)
+    dst.l2_cache.mark_dirty(l2off)
+
+
+def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int) -> None:
+    data = src.pread(guest, n)
+    if data.count(0) == len(data):
+        return  # the fresh data area reads as zeros already
+    dst.file.pwrite(data, host)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def relayout(path: str, output: str | None = None, progress: Progress | None = None,
+             prealloc: str | None = None, _pause: float = 0.0) -> RelayoutResult:
+    """Rewrite ``path`` (or into ``output``) with host = guest + one constant."""
+    target = output if output is not None else path
+    tmp = tmp_path_for(target)
+    if os.path.exists(tmp):
+        os.unlink(tmp)  # left over by an interrupted run
+    src = Qcow2Driver.open(path, writable=False)
+    try:
+        opts = _options(src, prealloc or _choose_prealloc(src))
+        data_offset = plan_layout(src.size, opts).data_offset or 0
+        create_qcow2(tmp, src.size, opts)
+        try:
+            dst = Qcow2Driver.open(tmp, writable=True)
+            try:
+                total = dst.geo.size_to_clusters(src.size)
+                for gc in range(total):
+                    _copy_cluster(src, dst, gc)
+                    if progress is not None:
+                        progress(gc + 1, total)
+                    if _pause:
+                        time.sleep(_pause)
+            finally:
+                dst.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    finally:
+        src.close()
+    os.replace(tmp, target)
+    _fsync_dir(target)
+    return RelayoutResult(target, total, data_offset)
