@@ -461,11 +461,6 @@ def test_client_that_never_reads_replies(served: Served) -> None:
     assert grown < 200 * 1024, f"server RSS grew by {grown // 1024} MiB"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="server dispatches every request decoded from one read even after flow control "
-    "paused the connection (server/protocol.py _handle): ~64 MiB of 1 MiB replies queue up",
-)
 def test_flood_memory_within_per_client_budget(served: Served) -> None:
     """Issue 3's target (16 clients x 32 MiB in flight under 200 MiB) leaves ~12 MiB per
     client; one flooding client must stay well within 40 MiB (in-flight cap + write
