@@ -172,6 +172,8 @@ def _read_l1(d: Qcow2Driver, offset: int, size: int) -> array[int]:
 
 
 def _alloc_l1(d: Qcow2Driver, l1: array[int]) -> int:
+    if not len(l1):
+        return 0
     cs = d.geo.cluster_size
     nbytes = len(l1) * 8
     n = max(1, (nbytes + cs - 1) // cs)
@@ -196,6 +198,8 @@ def _open(path: str) -> Qcow2Driver:
     try:
         if d.header.has_data_file:
             raise SnapshotError("internal snapshots are not supported with an external data file")
+        if d.geo.refcount_max < 2:
+            raise SnapshotError("internal snapshots need refcount_bits of at least 2")
         _flush_tables(d)
     except BaseException:
         d.close()
@@ -298,7 +302,7 @@ def apply_snapshot(path: str, key: str) -> Snapshot:
         d.l1_dirty.clear()
         cs = d.geo.cluster_size
         first = new_off >> d.geo.cluster_bits
-        for c in range(first, first + max(1, (len(new_l1) * 8 + cs - 1) // cs)):
+        for c in range(first, first + (len(new_l1) * 8 + cs - 1) // cs):
             d.meta.add(c)
         for e in new_l1:
             if e & L1_MASK:
