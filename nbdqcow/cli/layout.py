@@ -34,7 +34,8 @@ COLORS = {
 }
 IN_PLACE = "#2f7fd8"
 OUT_OF_PLACE = "#d62728"
-W, H = 1000, 440
+W, H = 1000, 450
+LEGEND_Y = 350
 X0, X1 = 70, 970
 GUEST_Y, HOST_Y, STRIP_H = 90, 260, 34
 
@@ -111,18 +112,23 @@ def build_scene(path: str, d: Qcow2Driver) -> list[Shape]:
         out.append(Text(X0, y + STRIP_H + 16, "0", 12))
         out.append(Text(x(end), y + STRIP_H + 16, f"{end:#x}", 12, anchor="end"))
     shown = [k for k in Kind if any(r.kind is k for r in runs) or k in kinds]
-    lx, ly = X0, 360
-    for k in shown:
-        out.append(Rect(lx, ly, 16, 16, "#444444"))
-        out.append(Rect(lx + 1, ly + 1, 14, 14, COLORS[k]))
-        out.append(Text(lx + 22, ly + 15, KIND_LABEL[k], 14))
-        lx += 40 + 12 * len(KIND_LABEL[k])
-        if lx > X1 - 120:
-            lx, ly = X0, ly + 26
-    out.append(Rect(X0, 410, 24, 8, IN_PLACE))
-    out.append(Text(X0 + 30, 421, "in place", 14))
-    out.append(Rect(X0 + 160, 410, 24, 8, OUT_OF_PLACE))
-    out.append(Text(X0 + 190, 421, "out of place", 14))
+    items: list[tuple[str, Shape]] = [
+        (KIND_LABEL[k], Rect(0, 0, 16, 16, COLORS[k])) for k in shown]
+    items += [("in place", Rect(0, 4, 24, 8, IN_PLACE)),
+              ("out of place", Rect(0, 4, 24, 8, OUT_OF_PLACE))]
+    lx, ly = float(X0), float(LEGEND_Y)
+    for label, swatch in items:
+        assert isinstance(swatch, Rect)
+        width = swatch.w + 16 + 12 * len(label)
+        if lx + width > X1:
+            lx, ly = X0, ly + 28
+        if swatch.h == 16:
+            out.append(Rect(lx, ly, 16, 16, "#444444"))
+            out.append(Rect(lx + 1, ly + 1, 14, 14, swatch.color))
+        else:
+            out.append(Rect(lx, ly + swatch.y, swatch.w, swatch.h, swatch.color))
+        out.append(Text(lx + swatch.w + 6, ly + 15, label, 14))
+        lx += width + 12
     return out
 
 

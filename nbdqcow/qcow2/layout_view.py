@@ -44,6 +44,7 @@ _SC_KIND = {
     SC.COMPRESSED: Kind.COMPRESSED, SC.ZERO_PLAIN: Kind.ZERO,
     SC.UNALLOCATED_PLAIN: Kind.UNALLOCATED, SC.INVALID: Kind.UNALLOCATED,
 }
+_PARTIAL = frozenset({Kind.KEPT_ZERO, Kind.RESERVED})
 _MAPPED = frozenset({SC.NORMAL, SC.ZERO_ALLOC, SC.UNALLOCATED_ALLOC})
 
 
@@ -141,7 +142,8 @@ def host_kinds(d: Qcow2Driver, runs: list[GuestRun] | None = None) -> bytearray:
             kinds[c] = Kind.OTHER
 
     def mark(c: int, k: Kind) -> None:
-        if 0 <= c < n:
+        # a host cluster partly data (extended L2 subclusters) shows as data
+        if 0 <= c < n and not (kinds[c] == Kind.DATA and k in _PARTIAL):
             kinds[c] = k
 
     for c in _metadata_clusters(d):
