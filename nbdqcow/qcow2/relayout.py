@@ -47,7 +47,7 @@ def tmp_path_for(target: str) -> str:
     return os.path.join(d, f".{base}{TMP_SUFFIX}")
 
 
-def _options(src: Qcow2Driver, prealloc: str) -> Qcow2Options:
+def _options(src: Qcow2Driver, prealloc: str, target: str) -> Qcow2Options:
     h = src.header
     if h.nb_snapshots:
         raise RelayoutError("images with internal snapshots cannot be relaid out "
@@ -57,10 +57,18 @@ def _options(src: Qcow2Driver, prealloc: str) -> Qcow2Options:
     if h.autoclear_features & L.AUTOCLEAR_BITMAPS:
         raise RelayoutError("images with persistent bitmaps cannot be relaid out yet")
     policy = h.extension(L.EXT_NBDQCOW_POLICY)
+    backing = h.backing_file
+    if backing and not os.path.isabs(backing) and ":" not in backing:
+        # a relative name is relative to the image's folder: keep it pointing at the
+        # same file from the new image's folder
+        src_dir = os.path.dirname(os.path.abspath(src.path))
+        dst_dir = os.path.dirname(os.path.abspath(target))
+        if src_dir != dst_dir:
+            backing = os.path.relpath(os.path.join(src_dir, backing), dst_dir)
     return Qcow2Options(
         version=h.version, cluster_bits=h.cluster_bits, refcount_order=h.refcount_order,
         lazy_refcounts=h.lazy_refcounts, extended_l2=h.extended_l2,
-        compression_type=h.compression_type, backing_file=h.backing_file,
+        compression_type=h.compression_type, backing_file=backing,
         backing_fmt=h.backing_format, preallocation=prealloc,
         mapping=policy.decode("ascii", "replace").strip("\0") if policy else None,
     )
@@ -143,7 +151,7 @@ def relayout(path: str, output: str | None = None, progress: Progress | None = N
         os.unlink(tmp)  # left over by an interrupted run
     src = Qcow2Driver.open(path, writable=False)
     try:
-        opts = _options(src, prealloc or _choose_prealloc(src))
+        opts = _options(src, prealloc or _choose_prealloc(src), target)
         data_offset = plan_layout(src.size, opts).data_offset or 0
         create_qcow2(tmp, src.size, opts)
         try:
@@ -158,6 +166,8 @@ def relayout(path: str, output: str | None = None, progress: Progress | None = N
                         time.sleep(_pause)
             finally:
                 dst.close()
+            if os.path.exists(target):
+                os.chmod(tmp, os.stat(target).st_mode & 0o7777)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
