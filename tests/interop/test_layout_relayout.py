@@ -205,3 +205,23 @@ def test_relayout_killed_halfway(tmp_path: Path, qemu_tools: None) -> None:
     assert not tmp.exists()
     assert len(qemu_offsets(img)) == 1
     assert qemu_img("compare", str(ref), str(img), check=False).returncode == 0
+
+
+def test_summarize_counts_runs_and_misplaced_clusters() -> None:
+    from nbdqcow.qcow2.layout_view import GuestRun, Kind, summarize
+
+    cs = 65536
+    # guest clusters 0 and 1 swapped, 2..9 at +0x100000, 10 unallocated, 11 at +0x100000
+    runs = [
+        GuestRun(0, cs, Kind.DATA, 0x100000 + cs),
+        GuestRun(cs, cs, Kind.DATA, 0x100000),
+        GuestRun(2 * cs, 8 * cs, Kind.DATA, 0x100000 + 2 * cs),
+        GuestRun(10 * cs, cs, Kind.UNALLOCATED, None),
+        GuestRun(11 * cs, cs, Kind.KEPT_ZERO, 0x100000 + 11 * cs),
+    ]
+    s = summarize(runs, cs)
+    assert (s.offset, s.out_of_place, s.mapped_clusters, s.runs) == (0x100000, 2, 11, 4)
+    assert not s.constant and s.verdict == "4 runs, 2 of 11 clusters out of place"
+    ok = summarize(runs[2:], cs)
+    assert ok.constant and ok.verdict == "constant: host = guest + 0x100000"
+    assert summarize(runs[3:4], cs).verdict == "no guest cluster is mapped"

@@ -162,3 +162,48 @@ def test_errors(tmp_path: Path, qemu_tools: None, capsys: pytest.CaptureFixture[
         assert "not found" in capsys.readouterr().err
     assert snapshot_names(image) == ["s1"]
     assert_clean(image)
+
+
+CRASH = """
+import os, sys
+import nbdqcow.qcow2.snapshot_ops as ops
+point, op, path, name = sys.argv[1:5]
+real = getattr(ops, point)
+def crash(*a, **k):
+    if point == "_apply_delta" and a[2] > 0:
+        return real(*a, **k)
+    os._exit(9)
+setattr(ops, point, crash)
+getattr(ops, op)(path, name)
+"""
+
+
+@pytest.mark.parametrize("point,op", [
+    ("_switch_table", "create_snapshot"),  # before the header switch
+    ("_apply_delta", "delete_snapshot"),   # after it, before the references drop
+    ("_free_l1_clusters", "apply_snapshot"),  # after the switch, mid-way through frees
+])
+def test_crash_leaves_only_leaks(tmp_path: Path, qemu_tools: None, point: str, op: str) -> None:
+    image = create(tmp_path / "img.qcow2", SIZE, opts={"cluster_size": "65536"})
+    fill(image, True)
+    raw = tmp_path / "tmp.raw"
+    if op != "create_snapshot":
+        nbdqcow("snapshot", "-c", "s1", image)
+        qemu_io(image, ["write -P 0x51 0 64k"])
+    before = convert_to_raw(image, raw)
+    snap_before = convert_to_raw(image, raw, snapshot="s1") if op != "create_snapshot" else b""
+    proc = subprocess.run([sys.executable, "-c", CRASH, point, op, str(image), "s1"],
+                          env=repo_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    chk = qemu_img("check", str(image), check=False)
+    assert chk.returncode in (0, 3), chk.stdout  # clean or leaks only, never corrupt
+    assert "ERROR" not in chk.stdout
+    names = snapshot_names(image)
+    if op == "create_snapshot":
+        assert names == [] and convert_to_raw(image, raw) == before
+    elif op == "delete_snapshot":
+        assert names == [] and convert_to_raw(image, raw) == before
+    else:
+        assert names == ["s1"] and convert_to_raw(image, raw) == snap_before
+    qemu_img("check", "-r", "leaks", str(image), check=False)
+    assert_clean(image)
