@@ -133,8 +133,9 @@ def _count_array(refcount_bits: int, n: int) -> array[int]:
 class _Walk:
     """One pass over an image: counted refcounts, figures and error messages."""
 
-    def __init__(self, file: HostFile, header: Header, res: CheckResult) -> None:
+    def __init__(self, file: HostFile, header: Header, res: CheckResult, fix: int = 0) -> None:
         self.file = file
+        self.fix = fix
         self.h = header
         self.geo = Geometry(header.cluster_bits, header.refcount_order, header.extended_l2)
         self.cs = self.geo.cluster_size
@@ -220,7 +221,7 @@ class _Walk:
                     res.fragmented_clusters += 1  # compressed clusters are fragmented
                 continue
             if e & L.L2E_STD_RESERVED_MASK:
-                self.msg(f"ERROR found L2 entry with reserved bits set: {e:x}")
+                self.msg(f"ERROR found l2 entry with reserved bits set: {e:x}")
                 res.corruptions += 1
             if ext:
                 has_host = bool(e & L.L2E_OFFSET_MASK) or (data_file and bool(e & L.QCOW_OFLAG_COPIED))
@@ -244,9 +245,26 @@ class _Walk:
                     res.fragmented_clusters += 1
                 next_contiguous = host + self.cs
             if host & (self.cs - 1):
-                self.msg(f"ERROR offset={host:x}: Data cluster is not properly aligned; "
-                         "L2 entry corrupted.")
-                res.corruptions += 1
+                data = bool(bm & L.L2_BITMAP_ALLOC_ALL) if ext else not e & L.QCOW_OFLAG_ZERO
+                if data:
+                    self.msg(f"ERROR offset={host:x}: Data cluster is not properly aligned; "
+                             "L2 entry corrupted.")
+                    res.corruptions += 1
+                elif self.fix & FIX_ERRORS and offset >= self.cs:
+                    # a preallocated zero cluster: keep it reading zero, drop the offset
+                    self.msg(f"Repairing offset={host:x}: Preallocated cluster is not properly "
+                             "aligned; L2 entry corrupted.")
+                    if ext:
+                        words[i], words[i + 1] = 0, L.L2_BITMAP_ZERO_ALL
+                    else:
+                        words[i] = L.QCOW_OFLAG_ZERO
+                    self.file.pwrite(store_u64(words), offset)
+                    res.corruptions_fixed += 1
+                    continue
+                else:
+                    self.msg(f"ERROR offset={host:x}: Preallocated cluster is not properly "
+                             "aligned; L2 entry corrupted.")
+                    res.corruptions += 1
             if not data_file:
                 self.inc(host, self.cs)
 
@@ -555,7 +573,7 @@ def _one_pass(file: HostFile, header: Header, fix: int, res: CheckResult) -> Hea
     """Check (and with ``fix``, repair) once; returns the (possibly new) header."""
     geo = Geometry(header.cluster_bits, header.refcount_order, header.extended_l2)
     stored = _Stored(file, header, geo)
-    walk = _Walk(file, header, res)
+    walk = _Walk(file, header, res, fix)
     walk.count_all(stored.table)
     highest, zero_seen = _compare(walk, stored, 0, _scratch := CheckResult(res.filename))
     rebuild = walk.rebuild or zero_seen or (walk.outside and bool(fix & FIX_ERRORS))

@@ -473,3 +473,14 @@ def test_l1_entry_without_offset(tmp_path: Path, qemu_tools: None) -> None:
     raw._put(raw.l1_offset, struct.pack(">Q", COPIED))
     want = assert_same_check(path)
     assert want["corruptions"] >= 1
+
+
+def test_unaligned_preallocated_zero_cluster_repaired(tmp_path: Path, qemu_tools: None) -> None:
+    path = written(tmp_path)
+    raw = Raw(path)
+    e = raw.l2_entry(1 * MiB)
+    raw.set_l2_entry(1 * MiB, (e + 512) | 1)  # zero flag, offset off by a sector
+    want = assert_same_check(path)
+    assert want["corruptions"] >= 1
+    assert repair_like_qemu(path, "all") == (0, 0)
+    assert Raw(path).l2_entry(1 * MiB) == 1  # a plain zero cluster now
