@@ -95,18 +95,19 @@ def _copy_cluster(src: Qcow2Driver, dst: Qcow2Driver, gc: int) -> None:
         e = table[2 * idx]
         host = e & OFF_MASK
         alloc = zero = 0
-        for start, rn, t, _ in pieces:
+        for start, rn, t, sh in pieces:
             first = (start - pos) >> geo.subcluster_bits
             last = (start - pos + rn - 1) >> geo.subcluster_bits
             mask = ((1 << (last - first + 1)) - 1) << first
             if t in _DATA:
-                _copy_data(src, dst, start, rn, host + start - pos)
+                _copy_data(src, dst, start, rn, host + start - pos,
+                           sh if t is SC.NORMAL else None)
                 alloc |= mask
             elif t in _ZERO:
                 zero |= mask
         if any(t is SC.COMPRESSED for _, _, t, _ in pieces):
             alloc, zero = (1 << 32) - 1, 0
-            _copy_data(src, dst, pos, n, host)
+            _copy_data(src, dst, pos, n, host, None)
         table[2 * idx] = host | COPIED
         table[2 * idx + 1] = alloc | (zero << 32)
     else:
@@ -114,7 +115,7 @@ def _copy_cluster(src: Qcow2Driver, dst: Qcow2Driver, gc: int) -> None:
         host = e & OFF_MASK
         t = pieces[0][2]
         if t in _DATA:
-            _copy_data(src, dst, pos, n, host)
+            _copy_data(src, dst, pos, n, host, pieces[0][3] if t is SC.NORMAL else None)
         elif t in _ZERO or (t is SC.UNALLOCATED_PLAIN and src.backing is None):
             if dst.header.version >= 3:
                 table[idx] = host | COPIED | L.QCOW_OFLAG_ZERO
@@ -127,7 +128,13 @@ def _copy_cluster(src: Qcow2Driver, dst: Qcow2Driver, gc: int) -> None:
     dst.l2_cache.mark_dirty(l2off)
 
 
-def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int) -> None:
+def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int,
+               src_host: int | None) -> None:
+    """Copy guest bytes to ``host`` in the new file; ``src_host``: where they are in the
+    old file when they are plain data there (a host hole then needs no read at all)."""
+    if src_host is not None and not any(
+            is_data for _, _, is_data in src.data_file.data_runs(src_host, n)):
+        return  # a hole in the old file reads as zeros; so does the fresh data area
     data = src.pread(guest, n)
     if data.count(0) == len(data):
         return  # the fresh data area reads as zeros already
