@@ -128,7 +128,18 @@ class Verdict:
 
 
 def first_diff(a: bytes | bytearray, b: bytes | bytearray) -> int:
-    return next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    return next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+
+
+def assert_same(got: bytes, want: bytes, what: str) -> None:
+    """Compare big buffers without pytest's assertion diff (slow on megabytes)."""
+    if got != want:
+        i = first_diff(got, want)
+        raise AssertionError(
+            f"{what}: first difference at guest offset {i} "
+            f"(got {got[i:i + 8].hex()}, want {want[i:i + 8].hex()}; "
+            f"lengths {len(got)}/{len(want)})"
+        )
 
 
 def verify(before: bytes, records: list[dict[str, Any]], got: bytes, unit: int) -> Verdict:
@@ -211,7 +222,7 @@ def make_image(kind: Kind, tmp: Path) -> tuple[Path, bytes]:
         content = bytes(expect)
         args += ["-b", str(base), "-F", "qcow2"]
     must([*args, str(img), str(SIZE)])
-    assert qemu_read(img, tmp) == content, "qemu-io did not write the backing pattern"
+    assert_same(qemu_read(img, tmp), content, "qemu-io did not write the backing pattern")
     return img, content
 
 
@@ -270,9 +281,9 @@ def test_crash_safety(kind: Kind, tmp_path: Path) -> None:
         v = verify(current, parse_journal(journal), got, unit)
         log.append(f"cycle {cycle}: {v.ops} ops, {v.flushes} flushes, {v.after_flush} "
                    f"ops after the last flush, dirty={dirty} {' '.join(v.notes)}")
-        assert engine_read(img, writable=False) == got, "engine and qemu-img read differently"
+        assert_same(engine_read(img, writable=False), got, "engine vs qemu-img convert")
         # Reopen writable: a dirty lazy-refcount image must be repaired here.
-        assert engine_read(img, writable=True) == got, "content changed on writable reopen"
+        assert_same(engine_read(img, writable=True), got, "engine after writable reopen")
         assert not is_dirty(img), "the engine left the dirty bit set after a clean close"
         if dirty:
             leaks.append(qemu_check(img))
@@ -288,7 +299,7 @@ def test_crash_safety(kind: Kind, tmp_path: Path) -> None:
     leaks.append(qemu_check(img))
     expect = bytearray(current)
     expect[64 * KiB - 33:64 * KiB - 33 + len(tail)] = tail
-    assert qemu_read(img, tmp_path) == bytes(expect)
+    assert_same(qemu_read(img, tmp_path), bytes(expect), "after the last reopen and write")
 
     if kind.lazy:
         assert dirty_seen, "no cycle left the lazy-refcount image dirty: repair not tested"

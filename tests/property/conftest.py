@@ -64,7 +64,8 @@ def backing_base(tmp_path: Path, qemu_tools: None) -> Callable[[int], tuple[Path
         _run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(raw)])
         content = raw.read_bytes()
         raw.unlink()
-        assert content == bytes(expect), "qemu-io did not write the backing pattern"
+        same = content == bytes(expect)  # no bare bytes == bytes assert: pytest would diff
+        assert same, "qemu-io did not write the backing pattern"
         return path, content
 
     return make

@@ -2,7 +2,8 @@
 
 A hypothesis state machine runs random pwrite / write_zeroes / discard / flush /
 reopen on an image made by ``qemu-img create`` and applies the same operations to a
-bytearray.  After every step the touched ranges must read back equal to the model;
+bytearray.  After every step the touched ranges must read back equal to the model
+(and block_status must tile them, never calling a run with data "zero");
 at teardown the closed image must pass ``qemu-img check`` with no errors and no
 leaks, and ``qemu-img compare`` against the model (written as a raw file) must say
 identical.  The expected content comes from the model only, never from nbdqcow.
@@ -13,11 +14,14 @@ version-2 image with a backing file, where they read the backing file's data; by
 of partially covered units are unchanged.
 
 NBDQCOW_PROPERTY_EXAMPLES / NBDQCOW_PROPERTY_STEPS scale the run (defaults keep the
-whole file under 3 minutes on 2 cores).
+whole file under 3 minutes on 2 cores); NBDQCOW_PROPERTY_SHRINK=1/0 turns shrinking
+of failures on/off (default: on, off when $CI is set).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
 import os
@@ -28,10 +32,10 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -46,6 +50,11 @@ MiB = 1024 * KiB
 
 EXAMPLES = int(os.environ.get("NBDQCOW_PROPERTY_EXAMPLES", "20"))
 STEPS = int(os.environ.get("NBDQCOW_PROPERTY_STEPS", "30"))
+# Shrinking a failure can take hypothesis's full 5 minutes per kind; under CI the
+# unshrunk steps (and the reproduce blob) are reported instead.
+SHRINK = os.environ.get("NBDQCOW_PROPERTY_SHRINK", "0" if os.environ.get("CI") else "1") == "1"
+# (the explain phase re-runs hundreds of variations of a failure: minutes, little value)
+PHASES = [p for p in Phase if p is not Phase.explain and (SHRINK or p is not Phase.shrink)]
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,24 @@ def io_ranges(draw: st.DrawFn, kind: ImageKind) -> tuple[int, int]:
 
 
 # --- the state machine ---------------------------------------------------------------
+Step = TypeVar("Step", bound=Callable[..., None])
+
+
+def step(fn: Step) -> Step:
+    """Remember that an example failed, so teardown skips the slow qemu-img checks
+    (they would only slow down shrinking; the failure is already reported)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: EngineVsModel, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(self, *args, **kwargs)
+        except BaseException:
+            self.failed = True
+            raise
+
+    return cast(Step, wrapper)
+
+
 class EngineVsModel(RuleBasedStateMachine):
     """Set up by :func:`machine_for`: ``kind``, ``workdir``, ``base`` (path, content)."""
 
@@ -211,6 +238,7 @@ class EngineVsModel(RuleBasedStateMachine):
             proc = run(self.kind.create_args(self.path, backing))
             assert proc.returncode == 0, proc.stderr
         self.touched: list[tuple[int, int]] = []
+        self.failed = False
         self.rc_table_before = refcount_table_clusters(self.path)
         self.drv: Any = None
         self.drv = open_image(str(self.path), "qcow2", writable=True)
@@ -231,6 +259,7 @@ class EngineVsModel(RuleBasedStateMachine):
     def _check(self, start: int, end: int) -> None:
         got = self.drv.pread(start, end - start)
         want = bytes(self.model[start:end])
+        self._check_status(start, end, want)
         if got != want:
             bad = next(i for i in range(len(want)) if got[i] != want[i])
             raise AssertionError(
@@ -239,8 +268,29 @@ class EngineVsModel(RuleBasedStateMachine):
                 f"got {got[bad:bad + 8].hex()} want {want[bad:bad + 8].hex()}"
             )
 
+    def _check_status(self, start: int, end: int, want: bytes) -> None:
+        """block_status tiles the range, and runs it calls zero read as zeros."""
+        pos = start
+        for ext in self.drv.block_status(start, end - start):
+            assert ext.start == pos and ext.length > 0, (
+                f"{self.kind.name}: block_status extents do not tile [{start}, {end}): {ext}"
+            )
+            if ext.zero:
+                lo, hi = pos - start, min(end, pos + ext.length) - start
+                # (no bare ``assert bytes == bytes``: pytest would diff megabytes)
+                zeros = want[lo:hi] == bytes(hi - lo)
+                assert zeros, (
+                    f"{self.kind.name}: block_status says [{pos}, {pos + ext.length}) "
+                    f"reads as zeros but the model has data there: {ext}"
+                )
+            pos += ext.length
+            if pos >= end:
+                break
+        assert pos >= end, f"{self.kind.name}: block_status stops at {pos} < {end}"
+
     # -- setup
     @initialize(seed=st.integers(0, 2**32 - 1))
+    @step
     def grow_refcount_table(self, seed: int) -> None:
         """For ``prefill`` kinds: one fresh-region write that needs more host space
         than the first refcount table covers."""
@@ -254,6 +304,7 @@ class EngineVsModel(RuleBasedStateMachine):
 
     # -- rules
     @rule(rng=st.data(), seed=st.integers(0, 2**32 - 1), fua=st.booleans())
+    @step
     def pwrite(self, rng: st.DataObject, seed: int, fua: bool) -> None:
         off, length = rng.draw(io_ranges(self.kind), label="range")
         data = payload(seed, length)
@@ -262,6 +313,7 @@ class EngineVsModel(RuleBasedStateMachine):
         self.touched.append((off, length))
 
     @rule(rng=st.data(), seed=st.integers(0, 2**32 - 1))
+    @step
     def pwrite_again(self, rng: st.DataObject, seed: int) -> None:
         """A second write rule: writes dominate the mix, and overwrite earlier ones."""
         if self.touched and rng.draw(st.booleans(), label="overwrite"):
@@ -274,6 +326,7 @@ class EngineVsModel(RuleBasedStateMachine):
         self.touched.append((off, length))
 
     @rule(rng=st.data(), may_unmap=st.booleans())
+    @step
     def write_zeroes(self, rng: st.DataObject, may_unmap: bool) -> None:
         off, length = rng.draw(io_ranges(self.kind), label="range")
         self.drv.write_zeroes(off, length, may_unmap=may_unmap)
@@ -281,6 +334,7 @@ class EngineVsModel(RuleBasedStateMachine):
         self.touched.append((off, length))
 
     @rule(rng=st.data())
+    @step
     def discard(self, rng: st.DataObject) -> None:
         if self.touched and rng.draw(st.booleans(), label="on-written"):
             off, length = rng.draw(st.sampled_from(self.touched), label="previous")
@@ -291,10 +345,12 @@ class EngineVsModel(RuleBasedStateMachine):
         self.touched.append((off, length))
 
     @rule()
+    @step
     def flush(self) -> None:
         self.drv.flush()
 
     @rule()
+    @step
     def reopen(self) -> None:
         self.drv.close()
         self.drv = None
@@ -307,12 +363,18 @@ class EngineVsModel(RuleBasedStateMachine):
 
     # -- invariant
     @invariant()
+    @step
     def touched_ranges_match_model(self) -> None:
         for start, end in merge(self.touched, self.kind.cluster, self.kind.size):
             self._check(start, end)
 
     def teardown(self) -> None:
         try:
+            if self.failed:
+                if self.drv is not None:
+                    with contextlib.suppress(Exception):
+                        self.drv.close()
+                return
             if self.drv is not None:
                 self.drv.close()
                 self.drv = None
@@ -358,7 +420,7 @@ def machine_for(
     )
 
 
-# Passing runs take seconds; a failure may shrink for minutes (hypothesis caps it).
+# Passing runs take seconds; a failure may shrink for up to 5 minutes (hypothesis's cap).
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
 def test_engine_matches_model(
@@ -380,5 +442,6 @@ def test_engine_matches_model(
             database=None,
             print_blob=True,
             suppress_health_check=list(HealthCheck),
+            phases=PHASES,
         ),
     )
