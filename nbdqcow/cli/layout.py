@@ -96,17 +96,28 @@ def build_scene(path: str, d: Qcow2Driver) -> list[Shape]:
         Text(X0, 56, summary.verdict, 16,
              "#1a7f37" if summary.constant else OUT_OF_PLACE),
     ]
+    # shapes that land on the same pixels are drawn once (huge fragmented images)
+    seen: set[tuple[object, ...]] = set()
+
+    def add(shape: Rect | Band, key: tuple[object, ...]) -> None:
+        if key not in seen:
+            seen.add(key)
+            out.append(shape)
+
     for r in runs:
         if r.host is None:
             continue
         ok = summary.offset is not None and r.host - r.start == summary.offset
-        out.append(Band(GUEST_Y + STRIP_H, x(r.start), x(r.start) + w(r.length),
-                        HOST_Y, x(r.host), x(r.host) + w(r.length),
-                        IN_PLACE if ok else OUT_OF_PLACE, 0.25 if ok else 0.55))
+        b = Band(GUEST_Y + STRIP_H, x(r.start), x(r.start) + w(r.length),
+                 HOST_Y, x(r.host), x(r.host) + w(r.length),
+                 IN_PLACE if ok else OUT_OF_PLACE, 0.25 if ok else 0.55)
+        add(b, (round(b.a0), round(b.a1), round(b.b0), round(b.b1), ok))
     for r in runs:
-        out.append(Rect(x(r.start), GUEST_Y, w(r.length), STRIP_H, COLORS[r.kind]))
+        g = Rect(x(r.start), GUEST_Y, w(r.length), STRIP_H, COLORS[r.kind])
+        add(g, ("g", round(g.x), round(g.w), r.kind))
     for first, n, k in host_runs(kinds):
-        out.append(Rect(x(first * cs), HOST_Y, w(n * cs), STRIP_H, COLORS[k]))
+        hr = Rect(x(first * cs), HOST_Y, w(n * cs), STRIP_H, COLORS[k])
+        add(hr, ("h", round(hr.x), round(hr.w), k))
     for y, label, end in ((GUEST_Y, "guest", d.size), (HOST_Y, "host", file_size)):
         out.append(Text(X0 - 8, y + 22, label, 14, anchor="end"))
         out.append(Text(X0, y + STRIP_H + 16, "0", 12))
