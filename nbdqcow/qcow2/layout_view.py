@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import IntEnum
 
+from nbdqcow.errors import NbdqcowError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.entries import SC
@@ -202,3 +203,18 @@ def host_runs(kinds: bytearray) -> list[tuple[int, int, Kind]]:
         out.append((i, j - i, Kind(k)))
         i = j
     return out
+
+
+def mapping_verdict(path: str) -> str | None:
+    """The mapping line for ``nbdqcow check`` ("constant: host = guest + 0x500000" or
+    "N runs, M of K clusters out of place"); None when the image cannot be walked."""
+    try:
+        d = Qcow2Driver.open(path, writable=False)
+    except NbdqcowError:
+        return None
+    try:
+        return mapping_summary(d).verdict
+    except NbdqcowError:
+        return None
+    finally:
+        d.close()

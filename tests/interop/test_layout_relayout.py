@@ -20,7 +20,7 @@ from tooling import repo_env
 
 from nbdqcow.cli import main
 from nbdqcow.qcow2.driver import Qcow2Driver
-from nbdqcow.qcow2.layout_view import mapping_summary
+from nbdqcow.qcow2.layout_view import mapping_summary, mapping_verdict
 from nbdqcow.qcow2.relayout import tmp_path_for
 
 MiB = 1 << 20
@@ -76,6 +76,9 @@ def test_verdicts_agree_with_qemu_map(tmp_path: Path, qemu_tools: None) -> None:
     assert out == sum(qf.values()) - qf[usual] == 2
     assert runs >= 3  # cluster 0, cluster 1, the rest
     assert "fragmented" in assert_clean(frag)
+    assert mapping_verdict(str(const)) == f"constant: host = guest + {off:#x}"
+    assert mapping_verdict(str(frag)) == f"{runs} runs, 2 of 10 clusters out of place"
+    assert mapping_verdict(str(tmp_path / "missing.qcow2")) is None
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
