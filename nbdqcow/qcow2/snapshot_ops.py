@@ -89,9 +89,18 @@ def reach(d: Qcow2Driver, l1: array[int]) -> Iterator[int]:
 
 
 def _apply_delta(d: Qcow2Driver, clusters: Iterator[int], delta: int) -> None:
+    """Add ``delta`` to each cluster's refcount; all or nothing (a refcount that would
+    overflow undoes the ones already changed, then raises)."""
     rc = d.refcounts
-    for c in clusters:
-        rc.update(c, delta)
+    done: list[int] = []
+    try:
+        for c in clusters:
+            rc.update(c, delta)
+            done.append(c)
+    except BaseException:
+        for c in reversed(done):
+            rc.update(c, -delta)
+        raise
 
 
 def _sync_refcounts(d: Qcow2Driver) -> None:
@@ -229,7 +238,12 @@ def create_snapshot(path: str, name: str, now_ns: int | None = None) -> Snapshot
         copy = array("Q", (e & ~COPIED for e in d.l1))
         l1_off = _alloc_l1(d, copy)
         # 2. everything the active L1 reaches gets one more reference
-        _apply_delta(d, reach(d, d.l1), +1)
+        try:
+            _apply_delta(d, reach(d, d.l1), +1)
+        except BaseException:
+            if l1_off:
+                _free_l1_clusters(d, l1_off, len(copy))
+            raise
         _sync_refcounts(d)
         # 3. nothing is exclusively owned any more: clear COPIED (L2 first, then L1)
         recompute_copied(d)

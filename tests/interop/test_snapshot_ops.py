@@ -207,3 +207,18 @@ def test_crash_leaves_only_leaks(tmp_path: Path, qemu_tools: None, point: str, o
         assert names == ["s1"] and convert_to_raw(image, raw) == snap_before
     qemu_img("check", "-r", "leaks", str(image), check=False)
     assert_clean(image)
+
+
+def test_refcount_overflow_changes_nothing(tmp_path: Path, qemu_tools: None) -> None:
+    """2-bit refcounts hold 3 references: the third snapshot fails and leaves no trace."""
+    image = create(tmp_path / "img.qcow2", SIZE, opts={"refcount_bits": "2"})
+    qemu_io(image, ["write -P 0x71 0 128k"])
+    nbdqcow("snapshot", "-c", "a", image)
+    nbdqcow("snapshot", "-c", "b", image)
+    assert nbdqcow("snapshot", "-c", "c", image, check=False) != 0
+    assert snapshot_names(image) == ["a", "b"]
+    assert_clean(image)
+    nbdqcow("snapshot", "-d", "a", image)
+    nbdqcow("snapshot", "-c", "c", image)
+    assert snapshot_names(image) == ["b", "c"]
+    assert_clean(image)
