@@ -34,7 +34,7 @@ COLORS = {
 }
 IN_PLACE = "#2f7fd8"
 OUT_OF_PLACE = "#d62728"
-W, H = 1000, 450
+W = 1000
 LEGEND_Y = 350
 X0, X1 = 70, 970
 GUEST_Y, HOST_Y, STRIP_H = 90, 260, 34
@@ -90,7 +90,6 @@ def build_scene(path: str, d: Qcow2Driver) -> list[Shape]:
         return max(n * scale, 1.0)
 
     out: list[Shape] = [
-        Rect(0, 0, W, H, "#ffffff"),
         Text(X0, 30, f"{path}: {format_size(d.size)} guest, {format_size(file_size)} file, "
                      f"cluster {format_size(cs)}", 16),
         Text(X0, 56, summary.verdict, 16,
@@ -140,11 +139,20 @@ def build_scene(path: str, d: Qcow2Driver) -> list[Shape]:
             out.append(Rect(lx, ly + swatch.y, swatch.w, swatch.h, swatch.color))
         out.append(Text(lx + swatch.w + 6, ly + 15, label, 14))
         lx += width + 12
+    # the background comes first and gives the picture its size
+    out.insert(0, Rect(0, 0, W, ly + 40, "#ffffff"))
     return out
 
 
 # ------------------------------------------------------------------ SVG
+def _size(scene: list[Shape]) -> tuple[int, int]:
+    bg = scene[0]
+    assert isinstance(bg, Rect)
+    return int(bg.w), int(bg.h)
+
+
 def to_svg(scene: list[Shape]) -> str:
+    W, H = _size(scene)  # noqa: N806
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
              f'viewBox="0 0 {W} {H}" font-family="sans-serif">']
     for s in scene:
@@ -254,7 +262,7 @@ class Canvas:
 
 
 def to_png(scene: list[Shape]) -> bytes:
-    c = Canvas(W, H)
+    c = Canvas(*_size(scene))
     for s in scene:
         if isinstance(s, Rect):
             c.rect(s)
