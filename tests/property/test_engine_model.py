@@ -11,7 +11,9 @@ identical.  The expected content comes from the model only, never from nbdqcow.
 Discard semantics expected (see the engine brief): units fully covered by the range
 (clusters, subclusters for extended L2) read as zeros afterwards, except in a
 version-2 image with a backing file, where they read the backing file's data; bytes
-of partially covered units are unchanged.
+of partially covered units are unchanged.  Under the default "preserve" mapping
+policy a version-2 image (no zero flag) keeps discarded clusters as they are: there
+discard changes nothing.  Kinds with mapping="release" check the qemu-like policy.
 
 NBDQCOW_PROPERTY_EXAMPLES / NBDQCOW_PROPERTY_STEPS scale the run (defaults keep the
 whole file under 3 minutes on 2 cores); NBDQCOW_PROPERTY_SHRINK=1/0 turns shrinking
@@ -68,9 +70,17 @@ class ImageKind:
     v2: bool = False
     extended_l2: bool = False
     backing: bool = False
+    # Mapping policy passed to open_image (None: the engine's default, "preserve").
+    mapping: str | None = None
     # qemu-io fills [0, prefill) with PREFILL_BYTE so that the host file ends just short
     # of what the first refcount table covers; the engine's first write makes it grow.
     prefill: int = 0
+
+    @property
+    def discard_is_noop(self) -> bool:
+        """v2 has no zero flag: under "preserve" the engine keeps discarded clusters
+        as they are (TRIM is advisory), so discard changes nothing."""
+        return self.v2 and self.mapping != "release"
 
     @property
     def unit(self) -> int:
@@ -114,6 +124,11 @@ KINDS = [
     ImageKind("backed-v3-64k", 4 * MiB, 64 * KiB, backing=True),
     ImageKind("backed-v2-64k", 4 * MiB, 64 * KiB, v2=True, backing=True),
     ImageKind("backed-extl2-64k", 4 * MiB, 64 * KiB, extended_l2=True, backing=True),
+    # qemu-like policy: discard / write-zeroes with MAY_UNMAP release host clusters.
+    ImageKind("v3-64k-release", 4 * MiB, 64 * KiB, mapping="release"),
+    ImageKind("extl2-64k-release", 4 * MiB, 64 * KiB, extended_l2=True, mapping="release"),
+    ImageKind("backed-v2-64k-release", 4 * MiB, 64 * KiB, v2=True, backing=True,
+              mapping="release"),
 ]
 
 
@@ -241,11 +256,15 @@ class EngineVsModel(RuleBasedStateMachine):
         self.failed = False
         self.rc_table_before = refcount_table_clusters(self.path)
         self.drv: Any = None
-        self.drv = open_image(str(self.path), "qcow2", writable=True)
+        self.drv = open_image(
+            str(self.path), "qcow2", writable=True, mapping=self.kind.mapping
+        )
         assert self.drv.size == self.kind.size
 
     # -- model operations
     def _discard_model(self, off: int, length: int) -> None:
+        if self.kind.discard_is_noop:
+            return
         unit = self.kind.unit
         first = -(-off // unit) * unit
         last = (off + length) // unit * unit
@@ -354,7 +373,9 @@ class EngineVsModel(RuleBasedStateMachine):
     def reopen(self) -> None:
         self.drv.close()
         self.drv = None
-        self.drv = self.open_image(str(self.path), "qcow2", writable=True)
+        self.drv = self.open_image(
+            str(self.path), "qcow2", writable=True, mapping=self.kind.mapping
+        )
         assert self.drv.size == self.kind.size
         for start, end in merge(self.touched, self.kind.cluster, self.kind.size):
             self._check(start, end)
