@@ -1,6 +1,6 @@
 """Child process for the crash-safety test: random writes on the engine, forever.
 
-    python tests/e2e/crash_worker.py IMG SEED [JOURNAL]
+    python tests/e2e/crash_worker.py IMG SEED [JOURNAL] [--mapping=preserve|release]
 
 Opens IMG (qcow2) writable with nbdqcow and runs random pwrite / write_zeroes /
 discard / flush until it is killed.  It keeps a bytearray model of the guest content
@@ -122,6 +122,10 @@ class Journal:
 
 
 def main(argv: list[str]) -> int:
+    mapping = None
+    for arg in [a for a in argv if a.startswith("--mapping=")]:
+        mapping = arg.split("=", 1)[1]
+        argv.remove(arg)
     if len(argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2
@@ -132,7 +136,7 @@ def main(argv: list[str]) -> int:
     unit, size, _ = image_geometry(img)
     with open(img, "rb") as f:
         cluster = 1 << struct.unpack_from(">I", f.read(24), 20)[0]
-    drv = open_image(img, "qcow2", writable=True)
+    drv = open_image(img, "qcow2", writable=True, mapping=mapping)
     assert drv.size == size
     model = Model(drv.pread(0, size), unit)
     journal.append({"t": "start", "sha": sha(model.data)}, sync=True)
