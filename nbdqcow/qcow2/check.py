@@ -146,7 +146,7 @@ class _Walk:
             raise CheckFailed("File too large")
         self.ref = _count_array(self.geo.refcount_bits, nb)
         self.rebuild = False
-        self.outside = False
+        self.outside: list[int] = []  # refcount blocks past the end of the file
         self.refblock_errors = 0
 
     def msg(self, text: str) -> None:
@@ -360,10 +360,15 @@ class _Walk:
                 continue
             c = e >> self.geo.cluster_bits
             if c >= nb:
-                self.msg(f"ERROR refcount block {i} is outside image")
-                self.res.corruptions += 1
-                self.refblock_errors += 1
-                self.outside = True  # a rebuild only when repairing errors
+                if self.fix & FIX_ERRORS:
+                    # qemu-img grows the file to hold the block, then finds the block has
+                    # no refcount and rebuilds; the rebuild alone does the same job here
+                    self.msg(f"Repairing refcount block {i} is outside image")
+                    self.res.corruptions_fixed += 1
+                    self.outside.append(c)
+                else:
+                    self.msg(f"ERROR refcount block {i} is outside image")
+                    self.res.corruptions += 1
                 continue
             if e:
                 self.inc(e, self.cs)
@@ -576,7 +581,12 @@ def _one_pass(file: HostFile, header: Header, fix: int, res: CheckResult) -> Hea
     walk = _Walk(file, header, res, fix)
     walk.count_all(stored.table)
     highest, zero_seen = _compare(walk, stored, 0, _scratch := CheckResult(res.filename))
-    rebuild = walk.rebuild or zero_seen or (walk.outside and bool(fix & FIX_ERRORS))
+    for c in walk.outside:
+        have = stored.get(c) or 0
+        if have != 1:
+            _scratch.messages.append(f"ERROR cluster {c} refcount={have} reference=1")
+            _scratch.corruptions += 1
+    rebuild = walk.rebuild or zero_seen or bool(walk.outside)
     if fix & FIX_ERRORS and rebuild:
         res.messages.extend(_scratch.messages)
         res.messages.append("Rebuilding refcount structure")
