@@ -322,6 +322,15 @@ class EngineVsModel(RuleBasedStateMachine):
         self.touched.append((off, GROW_WRITE))
 
     # -- rules
+    def _range(self, rng: st.DataObject, reuse_label: str) -> tuple[int, int]:
+        """A range written before (about half the time, once there is one) or a new one."""
+        reuse = False
+        if self.touched:
+            reuse = rng.draw(st.booleans(), label=reuse_label)
+        if reuse:
+            return rng.draw(st.sampled_from(self.touched), label="previous")
+        return rng.draw(io_ranges(self.kind), label="range")
+
     @rule(rng=st.data(), seed=st.integers(0, 2**32 - 1), fua=st.booleans())
     @step
     def pwrite(self, rng: st.DataObject, seed: int, fua: bool) -> None:
@@ -335,10 +344,7 @@ class EngineVsModel(RuleBasedStateMachine):
     @step
     def pwrite_again(self, rng: st.DataObject, seed: int) -> None:
         """A second write rule: writes dominate the mix, and overwrite earlier ones."""
-        if self.touched and rng.draw(st.booleans(), label="overwrite"):
-            off, length = rng.draw(st.sampled_from(self.touched), label="previous")
-        else:
-            off, length = rng.draw(io_ranges(self.kind), label="range")
+        off, length = self._range(rng, reuse_label="overwrite")
         data = payload(seed, length)
         self.drv.pwrite(data, off)
         self.model[off:off + length] = data
@@ -355,10 +361,7 @@ class EngineVsModel(RuleBasedStateMachine):
     @rule(rng=st.data())
     @step
     def discard(self, rng: st.DataObject) -> None:
-        if self.touched and rng.draw(st.booleans(), label="on-written"):
-            off, length = rng.draw(st.sampled_from(self.touched), label="previous")
-        else:
-            off, length = rng.draw(io_ranges(self.kind), label="range")
+        off, length = self._range(rng, reuse_label="on-written")
         self.drv.discard(off, length)
         self._discard_model(off, length)
         self.touched.append((off, length))
