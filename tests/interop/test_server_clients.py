@@ -541,3 +541,23 @@ def test_tcp_ipv6(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("detect", ["off", "on", "unmap"])
+def test_detect_zeroes(tmp_path: Path, detect: str, nbdqcow_server: ServerFactory) -> None:
+    img = tmp_path / "dz.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(4 * MiB))
+    srv = nbdqcow_server(img, "-t", f"--detect-zeroes={detect}", "--discard=unmap")
+    h = nbd_handle(srv.uri)
+    try:
+        h.pwrite(bytes(65536), 0)
+        h.pwrite(b"\x01" * 65536, 65536)
+        h.flush()
+    finally:
+        close(h)
+    assert srv.stop() == 0
+    first = qemu_img_map(img, "qcow2")[0]
+    assert first["start"] == 0 and first["length"] == (131072 if detect == "off" else 65536)
+    # off: the zeroes are written as data; on/unmap: they become a zero run
+    assert first["data"] is (detect == "off")
+    assert first["zero"] is (detect != "off")
