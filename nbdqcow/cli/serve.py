@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="serve a temporary qcow2 overlay; the image is not modified")
     a("-A", "--allocation-depth", action="store_true",
       help="expose the qemu:allocation-depth metadata context")
-    a("--discard", choices=DISCARD_MODES, default="ignore", help="honour TRIM (unmap) or not")
+    a("--discard", choices=(*DISCARD_MODES, "off", "on"), default="ignore",
+      help="honour TRIM (unmap, or on) or not (ignore, or off)")
     a("--detect-zeroes", choices=DETECT_ZEROES_MODES, default="off",
       help="turn writes of zeroes into zero writes")
     a("--cache", choices=CACHE_MODES, default="writeback", help="cache mode")
@@ -148,8 +149,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return run_list(args)
     if not args.filename:
         raise NbdqcowError("an image file is required (see --help)")
-    if args.detect_zeroes == "unmap" and args.discard != "unmap":
+    if args.detect_zeroes == "unmap" and args.discard not in ("unmap", "on"):
         raise NbdqcowError("--detect-zeroes=unmap needs --discard=unmap")
+    args.discard = {"off": "ignore", "on": "unmap"}.get(args.discard, args.discard)
     readonly = args.read_only or bool(args.load_snapshot)
     fmt = args.format or probe_format(args.filename)
     with contextlib.ExitStack() as stack:
