@@ -8,6 +8,7 @@ bytes that were written (or with ``qemu-img compare`` of the image after the ser
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -407,13 +408,14 @@ def test_fork_and_pid_file(tmp_path: Path) -> None:
     img = make_image(tmp_path, "raw")
     sock = tmp_path / "f.sock"
     pidfile = tmp_path / "pid"
-    res = subprocess.run([sys.executable, "-m", "nbdqcow", "serve", "--fork", "--pid-file",
-                          str(pidfile), "-k", str(sock), str(img)],
-                         env=repo_env(), timeout=20, capture_output=True)
-    assert res.returncode == 0, res.stderr
-    assert sock.exists()  # ready as soon as the parent returned
-    pid = int(pidfile.read_text())
+    pid = None
     try:
+        res = subprocess.run([sys.executable, "-m", "nbdqcow", "serve", "--fork", "--pid-file",
+                              str(pidfile), "-k", str(sock), str(img)],
+                             env=repo_env(), timeout=20, capture_output=True)
+        assert res.returncode == 0, res.stderr
+        assert sock.exists()  # ready as soon as the parent returned
+        pid = int(pidfile.read_text())
         run("nbdinfo", "--size", f"nbd+unix:///?socket={sock}")
         for _ in range(100):  # exits after its only client left
             if not pidfile.exists():
@@ -421,10 +423,12 @@ def test_fork_and_pid_file(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert not pidfile.exists()
     finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if pid is None and pidfile.exists():
+            with contextlib.suppress(ValueError):
+                pid = int(pidfile.read_text())
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_socket_activation(tmp_path: Path) -> None:
