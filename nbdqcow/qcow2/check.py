@@ -5,7 +5,8 @@
 The check walks every reference an image holds -- the header cluster, the active and the
 snapshots' L1 tables, their L2 tables and data clusters (each host cluster a compressed
 cluster touches), the snapshot table, the bitmap directory with its bitmap tables and
-data clusters, the refcount table and its blocks -- and counts them in memory.  Then it
+data clusters, the LUKS header area, the refcount table and its blocks -- and counts
+them in memory.  Then it
 compares those counts with the refcounts stored in the image:
 
 * stored > counted: a leak (wasted space, no harm);
@@ -13,8 +14,9 @@ compares those counts with the refcounts stored in the image:
 * a COPIED flag that disagrees with "stored refcount == 1" (active L1 and its L2
   entries): a corruption.
 
-Repair: ``"leaks"`` lowers leaked refcounts to the counted value; ``"all"`` also raises
-too-low refcounts and fixes COPIED flags.  When the refcount structure itself is broken
+Repair: ``"leaks"`` lowers leaked refcounts to the counted value (and fixes COPIED flags
+when nothing else is wrong); ``"all"`` also raises too-low refcounts and fixes COPIED
+flags and unaligned preallocated zero clusters.  When the refcount structure itself is broken
 (a referenced cluster with no refcount at all, a misplaced refcount block) ``"all"``
 writes a complete new refcount table and blocks after the end of the used area, holding
 exactly the counted values, then points the header at them.  After a repair the image is
