@@ -76,8 +76,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.backlog.clear()  # nobody will read the replies: do not start more work
         if self.flow is not None:
             self.flow.stopped = True
+            self.flow.backlog = 0
+            if self.flow.requests == 0:
+                self.flow.idle.set()
         self.server.release(self)
         log.info("client %s disconnected", self.peer)
 
