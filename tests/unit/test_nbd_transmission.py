@@ -6,6 +6,7 @@ Expected wire bytes are written with plain ``struct`` and the spec's magic numbe
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import struct
 from typing import Any
@@ -279,3 +280,136 @@ def test_block_status_one_chunk_per_context() -> None:
     second = struct.unpack_from(">IHHQI", msg, 32)
     assert second[1] == 1
     assert struct.unpack_from(">III", msg, 52) == (2, 8192, 1)  # depth 1: this image
+
+
+# --- the asyncio protocol with a fake transport: flow control and back-pressure --------------
+class FakeTransport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.reading = True
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: Any) -> None:
+        self.out.append(bytes(data))
+
+    def writelines(self, bufs: Any) -> None:
+        self.out.append(b"".join(bytes(b) for b in bufs))
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.aborted = self.closing = True
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class FakeServer:
+    def __init__(self, export: Export) -> None:
+        self.export = export
+
+    def export_infos(self) -> list[Any]:
+        return [self.export.info()]
+
+    def export_by_name(self, name: str) -> Export:
+        return self.export
+
+    def admit(self, proto: Any) -> bool:
+        proto.start()
+        return True
+
+    def release(self, proto: Any) -> None:
+        pass
+
+    def negotiated(self, proto: Any) -> None:
+        pass
+
+
+def _feed(proto: Any, data: bytes) -> None:
+    while data:
+        buf = proto.get_buffer(-1)
+        k = min(len(buf), len(data))
+        buf[:k] = data[:k]
+        data = data[k:]
+        proto.buffer_updated(k)
+
+
+def _go() -> bytes:
+    opt = struct.pack(">QII", 0x49484156454F5054, 7, 6) + struct.pack(">IH", 0, 0)
+    return struct.pack(">I", 3) + opt
+
+
+def test_protocol_backlogs_requests_while_the_client_does_not_read() -> None:
+    from nbdqcow.server.protocol import NbdProtocol
+
+    async def main() -> None:
+        drv = MemDriver(1 << 20)
+        proto = NbdProtocol(FakeServer(Export("", drv)))  # type: ignore[arg-type]
+        t = FakeTransport()
+        proto.connection_made(t)  # type: ignore[arg-type]
+        _feed(proto, _go())
+        assert proto.dispatcher is not None
+        t.out.clear()
+        proto.pause_writing()  # the client stopped reading its replies
+        _feed(proto, b"".join(req(READ, i * 4096, 4096, cookie=i) for i in range(10)))
+        assert t.out == [] and len(proto.backlog) == 10 and not t.reading
+        proto.resume_writing()
+        assert proto.backlog == collections.deque() and t.reading
+        replies = b"".join(t.out)
+        assert len(replies) == 10 * (16 + 4096)
+        cookies = [struct.unpack_from(">IIQ", replies, i * 4112)[2] for i in range(10)]
+        assert cookies == list(range(10))
+
+    asyncio.run(main())
+
+
+def test_protocol_bad_magic_disconnects_only_that_client() -> None:
+    from nbdqcow.server.protocol import NbdProtocol
+
+    async def main() -> None:
+        drv = MemDriver(1 << 20)
+        proto = NbdProtocol(FakeServer(Export("", drv)))  # type: ignore[arg-type]
+        t = FakeTransport()
+        proto.connection_made(t)  # type: ignore[arg-type]
+        _feed(proto, _go() + struct.pack(">IHHQQI", 0xBAD, 0, 0, 1, 0, 0))
+        assert t.aborted
+
+    asyncio.run(main())
+
+
+def test_protocol_disc_waits_for_in_flight_requests() -> None:
+    from nbdqcow.server.protocol import NbdProtocol
+
+    async def main() -> None:
+        drv = MemDriver(4 << 20)
+        proto = NbdProtocol(FakeServer(Export("", drv)))  # type: ignore[arg-type]
+        t = FakeTransport()
+        proto.connection_made(t)  # type: ignore[arg-type]
+        _feed(proto, _go())
+        t.out.clear()
+        big = b"\x07" * (1 << 20)  # large: runs in a worker thread
+        _feed(proto, req(WRITE, 0, len(big), cookie=5, payload=big) + req(DISC, cookie=6))
+        assert not t.closing  # the write is still in flight
+        for _ in range(200):
+            if t.closing:
+                break
+            await asyncio.sleep(0.01)
+        assert t.closing
+        assert struct.unpack(">IIQ", t.out[-1]) == (SIMPLE, 0, 5)
+        assert drv.data[: 1 << 20] == big
+
+    asyncio.run(main())
