@@ -67,7 +67,17 @@ def run_check(args: argparse.Namespace) -> int:
         sys.stdout.write(to_json(qemu_order(res.to_dict())) + "\n")
     elif not args.quiet:
         sys.stdout.write(human_report(res, bool(res.leaks_fixed or res.corruptions_fixed)))
+        sys.stdout.write(mapping_line(args.file))
     return res.exit_code
+
+
+def mapping_line(path: str) -> str:
+    """nbdqcow's own last line: the guest->host mapping in words (issue 4), e.g.
+    "Mapping: constant: host = guest + 0x50000"; empty if the image cannot be walked."""
+    from nbdqcow.qcow2.layout_view import mapping_verdict
+
+    verdict = mapping_verdict(path)
+    return f"Mapping: {verdict}\n" if verdict else ""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
