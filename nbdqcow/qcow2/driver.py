@@ -567,16 +567,23 @@ class Qcow2Driver:
             table[idx] = h | COPIED
             self.l2_cache.mark_dirty(l2off)
             return
-        buf = self._cluster_image(cstart, co, piece, zero_rest=False)
-        new = self._alloc_data_cluster(cstart)
-        try:
-            self._data_write(buf, new)
-        except BaseException:
-            self._abort_data_cluster(new)
-            raise
+        new = self._write_new_cluster(self._cluster_image(cstart, co, piece, zero_rest=False), cstart)
         table[idx] = new | COPIED
         self.l2_cache.mark_dirty(l2off)
         self._release(e)
+
+    def _write_new_cluster(
+        self, data: memoryview | bytes | bytearray, cstart: int, at: int = 0
+    ) -> int:
+        """Allocate a host cluster for guest cluster ``cstart`` and write ``data`` at
+        ``at`` inside it; the allocation is undone if the write fails."""
+        new = self._alloc_data_cluster(cstart)
+        try:
+            self._data_write(data, new + at)
+        except BaseException:
+            self._abort_data_cluster(new)
+            raise
+        return new
 
     def _cluster_image(
         self, cstart: int, co: int, piece: memoryview | bytes, zero_rest: bool
@@ -614,13 +621,8 @@ class Qcow2Driver:
             self.l2_cache.mark_dirty(l2off)
         if e & L.QCOW_OFLAG_COMPRESSED or (has_host and not e & COPIED):
             # shared or compressed: copy the whole cluster, then write
-            buf = self._cluster_image(cstart, co, piece, zero_rest=False)
-            new = self._alloc_data_cluster(cstart)
-            try:
-                self._data_write(buf, new)
-            except BaseException:
-                self._abort_data_cluster(new)
-                raise
+            new = self._write_new_cluster(
+                self._cluster_image(cstart, co, piece, zero_rest=False), cstart)
             if e & L.QCOW_OFLAG_COMPRESSED:
                 alloc, zero = L.L2_BITMAP_ALLOC_ALL, 0
             else:
@@ -640,14 +642,11 @@ class Qcow2Driver:
                 span_end - span_start - valid)
             span[co - span_start : co - span_start + len(piece)] = piece
             data = span
-        fresh = not has_host
-        host = self._alloc_data_cluster(cstart) if fresh else h
-        try:
+        if has_host:
+            host = h
             self._data_write(data, host + span_start)
-        except BaseException:
-            if fresh:
-                self._abort_data_cluster(host)
-            raise
+        else:
+            host = self._write_new_cluster(data, cstart, span_start)
         table[2 * idx] = host | COPIED
         table[2 * idx + 1] = (bm | mask) & ~(mask << 32)
         self.l2_cache.mark_dirty(l2off)
