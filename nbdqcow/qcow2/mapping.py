@@ -16,6 +16,7 @@ from nbdqcow.qcow2.entries import HAS_HOST, SC, bitmap_valid, sc_type, std_type
 from nbdqcow.qcow2.geometry import Geometry
 
 Run = tuple[int, int, SC, int]
+_NOT_PLAIN = L.QCOW_OFLAG_COMPRESSED | L.QCOW_OFLAG_ZERO
 
 
 def iter_runs(
@@ -52,6 +53,21 @@ def iter_runs(
                 c_end = min(span_end, (p | cmask) + 1)
                 if not ext:
                     e = table[idx]
+                    if not e & _NOT_PLAIN and e & L.L2E_OFFSET_MASK:
+                        # hot path: a plain data cluster, extended in place when contiguous
+                        h = e & L.L2E_OFFSET_MASK
+                        if h & cmask:
+                            on_invalid(f"L2 entry {e:#x} has an unaligned host offset")
+                        h += p & cmask
+                        if pieces and pieces[-1][2] is SC.NORMAL:
+                            ps, pn, _, ph = pieces[-1]
+                            if ps + pn == p and ph + pn == h:
+                                pieces[-1] = (ps, pn + c_end - p, SC.NORMAL, ph)
+                                p = c_end
+                                continue
+                        pieces.append((p, c_end - p, SC.NORMAL, h))
+                        p = c_end
+                        continue
                     t = std_type(e, has_data_file)
                     if t in HAS_HOST:
                         h = e & L.L2E_OFFSET_MASK
