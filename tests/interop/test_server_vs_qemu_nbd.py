@@ -1,7 +1,7 @@
 """Side by side with qemu-nbd: the same operation script against both servers, each on
 its own copy of the same image, gives the same data and the same block status.
 
-Intentional differences (spec compliance; see README.serving.md) are asserted as such.
+Intentional differences (spec compliance; see README.md, "Intentional differences from qemu-nbd") are asserted as such.
 """
 
 from __future__ import annotations
