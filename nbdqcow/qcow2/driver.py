@@ -384,9 +384,10 @@ class Qcow2Driver:
                 return self.data_file.pread(length, host)
             return self._read(offset, length)
 
-    def _fast_host(self, offset: int, length: int) -> int | None:
-        """Hot path: host offset when [offset, offset+length) lies in one standard
-        cluster that holds data (or subclusters all allocated), else None."""
+    def _fast_host(self, offset: int, length: int, write: bool = False) -> int | None:
+        """Hot path: host offset when [offset, offset+length) lies in one cluster that
+        holds data (standard, or all touched subclusters allocated) -- and, for a
+        ``write``, that this image owns alone (COPIED) -- else None."""
         geo = self.geo
         co = offset & (geo.cluster_size - 1)
         if co + length > geo.cluster_size or self.data_file is not self.file:
@@ -408,7 +409,7 @@ class Qcow2Driver:
             e = table[idx]
             if e & ZERO_FLAG:
                 return None
-        if e & L.QCOW_OFLAG_COMPRESSED:
+        if e & L.QCOW_OFLAG_COMPRESSED or (write and not e & COPIED):
             return None
         h = e & OFF_MASK
         if not h or h & (geo.cluster_size - 1) or h + co + length > self._file_size:
@@ -473,10 +474,14 @@ class Qcow2Driver:
         check_range(self._size, offset, length, write=True)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
-        mv = memoryview(data).cast("B")
-        self._check_writable(offset, len(mv))
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._check_writable(offset, n)
         with self._lock:
-            self._write(mv, offset)
+            host = self._fast_host(offset, n, write=True)
+            if host is not None and (host >> self.geo.cluster_bits) not in self.meta:
+                self.file.pwrite(data, host)
+            else:
+                self._write(memoryview(data).cast("B"), offset)
             if fua:
                 self._flush()
 
