@@ -322,3 +322,50 @@ def cluster_states(path: Path, kind: ImageKind) -> list[tuple[bool, bool, int | 
         out.append((bool(e["zero"]), bool(e["data"]),
                     None if off is None else int(off) + g - int(e["start"])))
     return out
+
+
+class Timed:
+    """A libnbd handle whose commands fail the test after ``timeout`` seconds instead
+    of blocking forever when the server never answers (libnbd's blocking calls have no
+    timeout); the same method names as ``nbd.NBD`` for what the tests use."""
+
+    def __init__(self, h: Any, timeout: float = 20.0) -> None:
+        self.h = h
+        self.timeout = timeout
+
+    def _wait(self, cookie: int, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self.h.aio_command_completed(cookie):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server did not answer {what} in {self.timeout} s")
+            self.h.poll(200)
+
+    def pread(self, count: int, offset: int, flags: int = 0) -> bytes:
+        import nbd
+
+        buf = nbd.Buffer(count)
+        self._wait(self.h.aio_pread(buf, offset, flags=flags), f"READ {offset}+{count}")
+        return bytes(buf.to_bytearray())
+
+    def pwrite(self, data: bytes, offset: int, flags: int = 0) -> None:
+        import nbd
+
+        buf = nbd.Buffer.from_bytearray(bytearray(data))
+        self._wait(self.h.aio_pwrite(buf, offset, flags=flags),
+                   f"WRITE {offset}+{len(data)} flags {flags}")
+
+    def zero(self, count: int, offset: int, flags: int = 0) -> None:
+        self._wait(self.h.aio_zero(count, offset, flags=flags),
+                   f"WRITE_ZEROES {offset}+{count} flags {flags}")
+
+    def trim(self, count: int, offset: int, flags: int = 0) -> None:
+        self._wait(self.h.aio_trim(count, offset, flags=flags), f"TRIM {offset}+{count}")
+
+    def flush(self) -> None:
+        self._wait(self.h.aio_flush(), "FLUSH")
+
+    def can_fast_zero(self) -> bool:
+        return bool(self.h.can_fast_zero())
+
+    def shutdown(self) -> None:
+        self.h.shutdown()
