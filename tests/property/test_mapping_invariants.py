@@ -54,7 +54,7 @@ from seedlib import (  # noqa: E402
     serving,
 )
 
-EXAMPLES = int(os.environ.get("MAPPING_EXAMPLES", "3"))
+EXAMPLES = int(os.environ.get("MAPPING_EXAMPLES", "6"))
 STEPS = int(os.environ.get("MAPPING_STEPS", "25"))
 SHRINK = os.environ.get("MAPPING_SHRINK", "1") != "0"
 
