@@ -211,7 +211,13 @@ def test_kept_zero_cluster_block_status(tmp_path: Path, kind: ImageKind) -> None
         alloc = block_status(h, len(kept), kept.start, "base:allocation")
         depth = block_status(h, len(kept), kept.start, "qemu:allocation-depth")
         data0 = block_status(h, C, 0, "base:allocation")
+        untouched = (block_status(h, C, 8 * C, "base:allocation"),
+                     block_status(h, C, 8 * C, "qemu:allocation-depth"))
         h.shutdown()
+    if kind.extended_l2 and kind.prealloc == "metadata":
+        # an untouched reservation: host space kept (not a hole), reads as zeros, and
+        # its data comes from no layer (no backing file): depth 0
+        assert untouched == ([(8 * C, C, STATE_ZERO)], [(8 * C, C, 0)]), untouched
     assert all(f & STATE_HOLE == 0 for _, _, f in data0), data0
     assert all(f == STATE_ZERO for _, _, f in alloc), \
         f"kept zero clusters must be ZERO without HOLE, got {alloc}"
