@@ -380,9 +380,16 @@ class Qcow2Driver:
         check_range(self._size, offset, length)
         with self._lock:
             host = self._fast_host(offset, length)
-            if host is not None:
-                return self.data_file.pread(length, host)
-            return self._read(offset, length)
+            if host is None:
+                runs = list(self.runs(offset, length))
+                if len(runs) != 1 or runs[0][2] is not SC.NORMAL:
+                    return self._read(offset, length, runs)
+                host = runs[0][3]
+                self._check_in_file(host, length)
+        # Data I/O runs outside the lock so that large requests overlap.  A mapped
+        # cluster only moves (or is freed) through a write or discard of the same guest
+        # range, which the server orders after this read.
+        return self.data_file.pread(length, host)
 
     def _fast_host(self, offset: int, length: int, write: bool = False) -> int | None:
         """Hot path: host offset when [offset, offset+length) lies in one cluster that
@@ -416,8 +423,9 @@ class Qcow2Driver:
             return None
         return h + co
 
-    def _read(self, offset: int, length: int) -> bytes:
-        runs = list(self.runs(offset, length))
+    def _read(self, offset: int, length: int, runs: list[Run] | None = None) -> bytes:
+        if runs is None:
+            runs = list(self.runs(offset, length))
         if len(runs) == 1 and runs[0][2] is SC.NORMAL:
             self._check_in_file(runs[0][3], length)
             return self.data_file.pread(length, runs[0][3])
@@ -477,13 +485,43 @@ class Qcow2Driver:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         self._check_writable(offset, n)
         with self._lock:
-            host = self._fast_host(offset, n, write=True)
-            if host is not None and (host >> self.geo.cluster_bits) not in self.meta:
-                self.file.pwrite(data, host)
-            else:
+            host = self._inplace_range(offset, n)
+            if host is None:
                 self._write(memoryview(data).cast("B"), offset)
-            if fua:
-                self._flush()
+                if fua:
+                    self._flush()
+                return
+        # in place (every cluster owned, contiguous on the host): no metadata changes,
+        # so the data I/O runs outside the lock (see pread)
+        self.data_file.pwrite(data, host)
+        if fua:
+            self.flush()
+
+    def _inplace_range(self, offset: int, n: int) -> int | None:
+        """Host offset when all of [offset, offset+n) can be written in place at one
+        contiguous host range with no metadata change, else None."""
+        host = self._fast_host(offset, n, write=True)
+        if host is None and n > 0:
+            cs = self.geo.cluster_size
+            pos, end = offset, offset + n
+            while pos < end:
+                c_end = min(end, (pos | (cs - 1)) + 1)
+                h = self._inplace_host(pos, c_end - pos)
+                if h is None or (host is not None and h != host + (pos - offset)):
+                    return None
+                if host is None:
+                    host = h
+                pos = c_end
+        if host is None:
+            return None
+        if not self.header.has_data_file:
+            if host + n > self._file_size:
+                return None  # the slow path extends the file (and re-checks sizes)
+            cb = self.geo.cluster_bits
+            for c in range(host >> cb, ((host + n - 1) >> cb) + 1):
+                if c in self.meta:
+                    return None
+        return host
 
     def _write(self, mv: memoryview, offset: int) -> None:
         cs = self.geo.cluster_size
