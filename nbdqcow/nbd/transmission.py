@@ -165,7 +165,7 @@ class RequestDecoder:
                 out.append(Request(cmd, flags, cookie, offset, length, bytes(mv[start : start + length])))
                 start += length
                 continue
-            payload = bytearray(length)
+            payload = take_payload_buffer(length)
             payload[:avail] = mv[start:end]
             self._payload = payload
             self._pmv = memoryview(payload)
@@ -175,6 +175,32 @@ class RequestDecoder:
             break
         self._start, self._end = start, end
         return out
+
+
+# Large WRITE payloads: a fresh bytearray per request costs page faults (or a memset)
+# for every byte; buffers the server is done with are reused instead.
+_POOL_MIN = 256 * 1024
+_POOL_MAX_BUFFERS = 8
+_payload_pool: list[bytearray] = []
+
+
+def take_payload_buffer(length: int) -> bytearray:
+    """A bytearray of exactly ``length`` bytes (contents undefined) for a payload."""
+    if length >= _POOL_MIN:
+        # only the event loop takes (pops); worker threads only append at the end, so
+        # index i still holds the buffer just looked at (never remove(): it compares
+        # contents, not identity)
+        for i in range(len(_payload_pool) - 1, -1, -1):
+            if len(_payload_pool[i]) == length:
+                return _payload_pool.pop(i)
+    return bytearray(length)
+
+
+def release_payload_buffer(buf: object) -> None:
+    """Give back a payload buffer once nothing refers to it any more."""
+    if isinstance(buf, bytearray) and len(buf) >= _POOL_MIN:
+        if len(_payload_pool) < _POOL_MAX_BUFFERS:
+            _payload_pool.append(buf)
 
 
 class ReplyEncoder:

@@ -33,7 +33,7 @@ from nbdqcow.nbd.constants import (
     StateFlag,
 )
 from nbdqcow.nbd.handshake import Negotiated
-from nbdqcow.nbd.transmission import ReplyEncoder, Request
+from nbdqcow.nbd.transmission import ReplyEncoder, Request, release_payload_buffer
 from nbdqcow.server.exports import Export
 from nbdqcow.server.flow import FlowControl
 
@@ -325,6 +325,7 @@ class Dispatcher:
                     drv.flush()
             else:
                 drv.pwrite(data, off, fua and native)
+                release_payload_buffer(data)  # the driver keeps no reference to it
                 if fua and not native:
                     drv.flush()
             return [enc.ok(cookie, off)]
