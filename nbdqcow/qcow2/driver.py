@@ -788,7 +788,6 @@ class Qcow2Driver:
 
     def _zero_cluster_v2(self, pos: int, n: int, op: Op, dry: bool) -> bool:
         """Version 2 has no zero flag: unmap when that reads as zero, else write zeros."""
-        geo = self.geo
         e, _ = self._entry(pos)
         owned = bool(e & COPIED) and bool(e & OFF_MASK)
         keep = owned and self.policy.keep_host(op)
@@ -798,25 +797,25 @@ class Qcow2Driver:
         if op is Op.DISCARD and not keep:
             # reads the backing file afterwards (or zeros without one)
             if not dry and e:
-                l2off, table = self._l2_for_write(geo.offset_to_l1_index(pos))
-                idx = geo.offset_to_l2_index(pos)
-                table[idx] = 0
-                self.l2_cache.mark_dirty(l2off)
-                self._release(e)
+                self._unmap_v2(pos, e)
             return False
         if self._reads_zero(pos, n):
             return False
         if self.backing is None and not keep:
             if not dry:
-                l2off, table = self._l2_for_write(geo.offset_to_l1_index(pos))
-                idx = geo.offset_to_l2_index(pos)
-                table[idx] = 0
-                self.l2_cache.mark_dirty(l2off)
-                self._release(e)
+                self._unmap_v2(pos, e)
             return False
         if not dry:
             self._write(memoryview(bytes(n)), pos)
         return True
+
+    def _unmap_v2(self, pos: int, entry: int) -> None:
+        """Drop the mapping of the cluster at ``pos`` (a v2 image: no zero flag)."""
+        geo = self.geo
+        l2off, table = self._l2_for_write(geo.offset_to_l1_index(pos))
+        table[geo.offset_to_l2_index(pos)] = 0
+        self.l2_cache.mark_dirty(l2off)
+        self._release(entry)
 
     def _zero_piece_ext(self, pos: int, n: int, op: Op, dry: bool) -> bool:
         geo = self.geo
