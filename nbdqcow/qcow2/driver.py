@@ -363,17 +363,17 @@ class Qcow2Driver:
         elif entry & OFF_MASK:
             rc.free_later((entry & OFF_MASK) >> self.geo.cluster_bits)
 
-    def _check_data_target(self, host: int) -> None:
-        if not self.header.has_data_file and (host >> self.geo.cluster_bits) in self.meta:
-            self.mark_corrupt(f"data cluster at {host:#x} overlaps metadata")
+    def _overlaps_metadata(self, host: int, n: int) -> bool:
+        """Whether a data write of ``n`` bytes at ``host`` would touch a metadata cluster."""
+        if self.header.has_data_file:
+            return False
+        cb = self.geo.cluster_bits
+        return any(c in self.meta for c in range(host >> cb, ((host + max(n, 1) - 1) >> cb) + 1))
 
     # ------------------------------------------------------------------ mapping
-    def _invalid(self, why: str) -> None:
-        self.mark_corrupt(why)
-
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         return iter_runs(self.geo, self._l2_for_read, offset, length,
-                         self.header.has_data_file, self._invalid)
+                         self.header.has_data_file, self.mark_corrupt)
 
     # ------------------------------------------------------------------ reading
     def pread(self, offset: int, length: int) -> bytes:
@@ -514,13 +514,10 @@ class Qcow2Driver:
                 pos = c_end
         if host is None:
             return None
-        if not self.header.has_data_file:
-            if host + n > self._file_size:
-                return None  # the slow path extends the file (and re-checks sizes)
-            cb = self.geo.cluster_bits
-            for c in range(host >> cb, ((host + n - 1) >> cb) + 1):
-                if c in self.meta:
-                    return None
+        if not self.header.has_data_file and host + n > self._file_size:
+            return None  # the slow path extends the file (and re-checks sizes)
+        if self._overlaps_metadata(host, n):
+            return None  # the slow path marks the image corrupt
         return host
 
     def _write(self, mv: memoryview, offset: int) -> None:
@@ -550,7 +547,10 @@ class Qcow2Driver:
             self._data_write(mv[pstart : pstart + plen], ph)
 
     def _data_write(self, data: memoryview | bytes | bytearray, host: int) -> None:
-        self._check_data_target(host)
+        # every cluster the write touches: coalesced in-place writes span several
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if self._overlaps_metadata(host, n):
+            self.mark_corrupt(f"data write at {host:#x} overlaps metadata")
         self.data_file.pwrite(data, host)
 
     def _entry(self, pos: int) -> tuple[int, int]:
