@@ -494,6 +494,24 @@ def _compare(
     return highest, rebuild
 
 
+def _fix_copied(
+    table: array[int], i: int, rc: int, repair: bool, res: CheckResult, what: str
+) -> bool:
+    """Report (and with ``repair`` fix) entry ``i`` whose COPIED bit disagrees with its
+    refcount ``rc``.  True when the table was changed."""
+    e = table[i]
+    if (rc == 1) == bool(e & L.QCOW_OFLAG_COPIED):
+        return False
+    word = "Repairing" if repair else "ERROR"
+    res.messages.append(f"{word} OFLAG_COPIED {what} refcount={rc}")
+    if not repair:
+        res.corruptions += 1
+        return False
+    table[i] = e | L.QCOW_OFLAG_COPIED if rc == 1 else e & ~L.QCOW_OFLAG_COPIED
+    res.corruptions_fixed += 1
+    return True
+
+
 def _check_copied(
     file: HostFile, header: Header, geo: Geometry, stored: _Stored, fix: int, res: CheckResult
 ) -> None:
@@ -514,16 +532,10 @@ def _check_copied(
         if not l2off or l2off & (cs - 1):
             continue
         rc = stored.get(l2off >> geo.cluster_bits)
-        if rc is not None and (rc == 1) != bool(e & L.QCOW_OFLAG_COPIED):
-            word = "Repairing" if repair else "ERROR"
-            res.messages.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
-                                f"l1_entry={e:x} refcount={rc}")
-            if repair:
-                l1[i] = e | L.QCOW_OFLAG_COPIED if rc == 1 else e & ~L.QCOW_OFLAG_COPIED
-                l1_dirty = True
-                res.corruptions_fixed += 1
-            else:
-                res.corruptions += 1
+        if rc is not None and _fix_copied(
+            l1, i, rc, repair, res, f"L2 cluster: l1_index={i} l1_entry={e:x}"
+        ):
+            l1_dirty = True
         table = load_u64(read_at(file, cs, l2off))
         dirty = False
         for j in range(0, len(table), step):
@@ -543,17 +555,8 @@ def _check_copied(
                 rc = stored.get(host >> geo.cluster_bits)
                 if rc is None:
                     continue
-            if (rc == 1) == bool(ent & L.QCOW_OFLAG_COPIED):
-                continue
-            word = "Repairing" if repair else "ERROR"
-            res.messages.append(f"{word} OFLAG_COPIED data cluster: l2_entry={ent:x} "
-                                f"refcount={rc}")
-            if repair:
-                table[j] = ent | L.QCOW_OFLAG_COPIED if rc == 1 else ent & ~L.QCOW_OFLAG_COPIED
+            if _fix_copied(table, j, rc, repair, res, f"data cluster: l2_entry={ent:x}"):
                 dirty = True
-                res.corruptions_fixed += 1
-            else:
-                res.corruptions += 1
         if dirty:
             if l2off < cs:
                 res.messages.append("ERROR: Could not write L2 table; metadata overlap "
