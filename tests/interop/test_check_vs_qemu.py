@@ -466,7 +466,7 @@ def test_encrypted_image_needs_no_key(tmp_path: Path, qemu_tools: None) -> None:
     secret = "secret,id=sec0,data=abc"
     opts = f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"
     imagegen.qemu_img("create", "-q", "-f", "qcow2", "--object", secret, "-o",
-                      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", str(path), "4M")
+                      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100", str(path), "4M")
     imagegen.run(["qemu-io", "--object", secret, "--image-opts", opts,
                   "-c", "write -P 3 0 100k", "-c", "write -P 4 1M 64k"])
     raw = Raw(path)
