@@ -8,6 +8,8 @@ import errno
 import os
 import threading
 
+from nbdqcow.block.zeros import fill_zero
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
@@ -57,7 +59,7 @@ class HostFile:
         while n < len(buf):
             got = os.preadv(self.fd, [buf[n:]], offset + n)
             if got == 0:
-                buf[n:] = bytes(len(buf) - n)
+                fill_zero(buf[n:])
                 return
             n += got
 

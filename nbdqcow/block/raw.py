@@ -46,6 +46,10 @@ class RawDriver:
         check_range(self._size, offset, length)
         return self.file.pread(length, self.offset + offset)
 
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        check_range(self._size, offset, len(buf))
+        self.file.preadinto(buf, self.offset + offset)
+
     def _check_write(self, offset: int, length: int) -> None:
         if not self._caps.writable:
             raise ReadOnlyImage("image is read-only")

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from nbdqcow.errors import RemoteProtocolError
 from nbdqcow.nbd import wire
+from nbdqcow.nbd.buffers import POOL, POOL_MIN
 from nbdqcow.nbd.constants import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
@@ -80,6 +81,7 @@ class RequestDecoder:
         self._pfill = 0
         self._discard = 0
         self._pending: tuple[int, int, int, int, int] | None = None
+        self._big_write = False  # the last request framed was a WRITE of >= POOL_MIN
         self.broken = False
 
     # --- the BufferedProtocol interface -------------------------------------------------
@@ -89,6 +91,11 @@ class RequestDecoder:
             return self._pmv[self._pfill :]
         if self._start == self._end:
             self._start = self._end = 0
+            if self._big_write:
+                # after a large WRITE another one is likely: take just its header, so
+                # that its payload is received straight into its own buffer, not
+                # copied there from this one
+                return self._mv[: self._hs]
         elif len(self._buf) - self._end < self._hs * 4:
             n = self._end - self._start
             self._buf[:n] = self._mv[self._start : self._end]
@@ -153,6 +160,7 @@ class RequestDecoder:
                 raise RemoteProtocolError(f"bad request magic {magic:#x}")
             start += hs
             has_payload = cmd == _WRITE or (self.extended and flags & _PAYLOAD_LEN)
+            self._big_write = has_payload and length >= POOL_MIN
             if not has_payload or length == 0:
                 out.append(Request(cmd, flags, cookie, offset, length, b"" if has_payload else None))
                 continue
@@ -165,7 +173,7 @@ class RequestDecoder:
                 out.append(Request(cmd, flags, cookie, offset, length, bytes(mv[start : start + length])))
                 start += length
                 continue
-            payload = take_payload_buffer(length)
+            payload = POOL.take(length)
             payload[:avail] = mv[start:end]
             self._payload = payload
             self._pmv = memoryview(payload)
@@ -175,32 +183,6 @@ class RequestDecoder:
             break
         self._start, self._end = start, end
         return out
-
-
-# Large WRITE payloads: a fresh bytearray per request costs page faults (or a memset)
-# for every byte; buffers the server is done with are reused instead.
-_POOL_MIN = 256 * 1024
-_POOL_MAX_BUFFERS = 8
-_payload_pool: list[bytearray] = []
-
-
-def take_payload_buffer(length: int) -> bytearray:
-    """A bytearray of exactly ``length`` bytes (contents undefined) for a payload."""
-    if length >= _POOL_MIN:
-        # only the event loop takes (pops); worker threads only append at the end, so
-        # index i still holds the buffer just looked at (never remove(): it compares
-        # contents, not identity)
-        for i in range(len(_payload_pool) - 1, -1, -1):
-            if len(_payload_pool[i]) == length:
-                return _payload_pool.pop(i)
-    return bytearray(length)
-
-
-def release_payload_buffer(buf: object) -> None:
-    """Give back a payload buffer once nothing refers to it any more."""
-    if isinstance(buf, bytearray) and len(buf) >= _POOL_MIN:
-        if len(_payload_pool) < _POOL_MAX_BUFFERS:
-            _payload_pool.append(buf)
 
 
 class ReplyEncoder:

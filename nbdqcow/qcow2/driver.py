@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from nbdqcow.block.driver import BlockDriver, Capabilities, Extent
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.ranges import check_range
+from nbdqcow.block.zeros import fill_zero
 from nbdqcow.errors import (
     CorruptImage,
     ImageOpenError,
@@ -391,6 +392,21 @@ class Qcow2Driver:
         # range, which the server orders after this read.
         return self.data_file.pread(length, host)
 
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        """Like pread, into ``buf`` (whose old contents do not matter)."""
+        length = len(buf)
+        check_range(self._size, offset, length)
+        with self._lock:
+            host = self._fast_host(offset, length)
+            if host is None:
+                runs = list(self.runs(offset, length))
+                if len(runs) != 1 or runs[0][2] is not SC.NORMAL:
+                    self._read_into(buf, offset, runs)
+                    return
+                host = runs[0][3]
+                self._check_in_file(host, length)
+        self.data_file.preadinto(buf, host)  # outside the lock: see pread
+
     def _fast_host(self, offset: int, length: int, write: bool = False) -> int | None:
         """Hot path: host offset when [offset, offset+length) lies in one cluster that
         holds data (standard, or all touched subclusters allocated) -- and, for a
@@ -430,21 +446,27 @@ class Qcow2Driver:
             self._check_in_file(runs[0][3], length)
             return self.data_file.pread(length, runs[0][3])
         buf = bytearray(length)
-        mv = memoryview(buf)
+        self._read_into(memoryview(buf), offset, runs, zeroed=True)
+        return bytes(buf)
+
+    def _read_into(
+        self, mv: memoryview, offset: int, runs: list[Run], zeroed: bool = False
+    ) -> None:
+        """Fill ``mv`` with guest [offset, offset+len(mv)) following ``runs``."""
         for start, n, t, host in runs:
             o = start - offset
             if t is SC.NORMAL:
                 self._check_in_file(host, n)
                 self.data_file.preadinto(mv[o : o + n], host)
             elif t in READS_ZERO:
-                continue
+                if not zeroed:
+                    fill_zero(mv[o : o + n])
             elif t in READS_BACKING:
                 self._read_backing(mv[o : o + n], start)
             elif t is SC.COMPRESSED:
                 data = self._decompress(host)
                 co = start & (self.geo.cluster_size - 1)
                 mv[o : o + n] = data[co : co + n]
-        return bytes(buf)
 
     def _check_in_file(self, host: int, n: int) -> None:
         """A data cluster past the end of the image file is an impossible entry.
@@ -457,10 +479,11 @@ class Qcow2Driver:
 
     def _read_backing(self, out: memoryview, offset: int) -> None:
         b = self.backing
-        if b is None or offset >= b.size:
-            return
-        n = min(len(out), b.size - offset)
-        out[:n] = b.pread(offset, n)
+        n = 0 if b is None else max(0, min(len(out), b.size - offset))
+        if b is not None and n:
+            b.preadinto(offset, out[:n])
+        if n < len(out):  # past the end of a shorter backing file (or none): zeros
+            fill_zero(out[n:])
 
     def _decompress(self, entry: int) -> bytes:
         if self._last_compressed[0] == entry:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from nbdqcow.block.driver import Extent
+from nbdqcow.block.zeros import ZERO_CHUNK, ZEROS, ZEROV
 from nbdqcow.errors import (
     NBD_EINVAL,
     NBD_ENOSPC,
@@ -25,6 +26,7 @@ from nbdqcow.errors import (
     NbdqcowError,
     nbd_errno,
 )
+from nbdqcow.nbd.buffers import POOL, POOL_MIN
 from nbdqcow.nbd.constants import (
     MAX_PAYLOAD,
     QEMU_ALLOCATION_DEPTH,
@@ -33,7 +35,7 @@ from nbdqcow.nbd.constants import (
     StateFlag,
 )
 from nbdqcow.nbd.handshake import Negotiated
-from nbdqcow.nbd.transmission import ReplyEncoder, Request, release_payload_buffer
+from nbdqcow.nbd.transmission import ReplyEncoder, Request
 from nbdqcow.server.exports import Export
 from nbdqcow.server.flow import FlowControl
 
@@ -42,6 +44,17 @@ log = logging.getLogger("nbdqcow.server")
 Buffer = bytes | bytearray | memoryview
 Reply = list[Buffer]
 
+
+class Leased(list[Buffer]):
+    """A reply whose data lives in ``buf``, a pooled buffer: the connection gives it
+    back to the pool once the transport has sent it."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, bufs: Reply, buf: bytearray) -> None:
+        super().__init__(bufs)
+        self.buf = buf
+
 #: requests smaller than this run inline on the event loop
 INLINE_LIMIT = 256 * 1024
 #: structured READs at least this large look for holes through block status (smaller
@@ -49,9 +62,6 @@ INLINE_LIMIT = 256 * 1024
 HOLE_SCAN_MIN = INLINE_LIMIT
 #: BLOCK_STATUS over more than this runs in a worker thread
 BLOCK_STATUS_INLINE = 8 * 1024 * 1024
-_ZERO_CHUNK = 1024 * 1024
-_ZEROS = bytes(_ZERO_CHUNK)
-_ZEROV = memoryview(_ZEROS)
 _EVERYTHING = 1 << 64
 
 _FUA = int(CmdFlag.FUA)
@@ -70,13 +80,14 @@ def is_zero(data: Buffer) -> bool:
     if n == 0:
         return True
     if isinstance(data, memoryview):
-        data = data.tobytes()
+        whole = data.obj
+        data = whole if isinstance(whole, bytes | bytearray) and len(whole) == n else data.tobytes()
     # most data is not zero: three probes settle it before any full comparison
     if data[0] or data[n - 1] or data[n >> 1]:
         return False
-    for pos in range(0, n, _ZERO_CHUNK):
-        k = min(_ZERO_CHUNK, n - pos)
-        if not data.startswith(_ZEROS if k == _ZERO_CHUNK else _zeros(k), pos):
+    for pos in range(0, n, ZERO_CHUNK):
+        k = min(ZERO_CHUNK, n - pos)
+        if not data.startswith(ZEROS if k == ZERO_CHUNK else _zeros(k), pos):
             return False
     return True
 
@@ -254,20 +265,31 @@ class Dispatcher:
             self._run(req, off, off + n, False, lambda: self._read_structured(req, df),
                       n < INLINE_LIMIT)
         else:
-            enc, drv = self.enc, self.driver
-            self._run(req, off, off + n, False,
-                      lambda: [enc.read_simple(req.cookie), drv.pread(off, n)] if n else
-                      [enc.read_simple(req.cookie)], n < INLINE_LIMIT)
+            self._run(req, off, off + n, False, lambda: self._read_simple(req), n < INLINE_LIMIT)
+
+    def _read_simple(self, req: Request) -> Reply:
+        head = self.enc.read_simple(req.cookie)
+        if req.length < POOL_MIN:
+            return [head, self.driver.pread(req.offset, req.length)] if req.length else [head]
+        buf = POOL.take(req.length)
+        self.driver.preadinto(req.offset, memoryview(buf))
+        return Leased([head, buf], buf)
 
     def _read_structured(self, req: Request, df: bool) -> Reply:
         enc, drv, cookie, off, n = self.enc, self.driver, req.cookie, req.offset, req.length
         if n == 0:
             return [enc.none(cookie, off)]
         if df or n < HOLE_SCAN_MIN or not self.caps.block_status:
-            data = drv.pread(off, n)
+            data: Buffer
+            if n < POOL_MIN:
+                data = drv.pread(off, n)
+            else:
+                data = POOL.take(n)
+                drv.preadinto(off, memoryview(data))
             if not df and is_zero(data):
                 return [enc.hole(cookie, off, n, True, off)]
-            return [enc.data(cookie, off, n, True, off), data]
+            reply: Reply = [enc.data(cookie, off, n, True, off), data]
+            return Leased(reply, data) if isinstance(data, bytearray) else reply
         runs: list[list[int]] = []  # [start, length, zero]
         pos, end = off, off + n
         for e in drv.block_status(off, n):
@@ -284,13 +306,17 @@ class Dispatcher:
             runs.append([pos, end - pos, 0])
         out: Reply = []
         last = len(runs) - 1
+        buf = POOL.take(n)  # n >= HOLE_SCAN_MIN: pooled
+        mv = memoryview(buf)
         for i, (s, length, z) in enumerate(runs):
             if z:
                 out.append(enc.hole(cookie, s, length, i == last, off))
             else:
+                piece = mv[s - off : s - off + length]
+                drv.preadinto(s, piece)
                 out.append(enc.data(cookie, s, length, i == last, off))
-                out.append(drv.pread(s, length))
-        return out
+                out.append(piece)
+        return Leased(out, buf)
 
     def _check_write(self, req: Request) -> bool:
         if not self.writable:
@@ -325,7 +351,8 @@ class Dispatcher:
                     drv.flush()
             else:
                 drv.pwrite(data, off, fua and native)
-                release_payload_buffer(data)  # the driver keeps no reference to it
+                if isinstance(data, bytearray):
+                    POOL.give(data)  # the driver keeps no reference to it
                 if fua and not native:
                     drv.flush()
             return [enc.ok(cookie, off)]
@@ -339,8 +366,8 @@ class Dispatcher:
             return
         pos, end = off, off + n
         while pos < end:
-            k = min(_ZERO_CHUNK, end - pos)
-            drv.pwrite(_ZEROV[:k], pos)
+            k = min(ZERO_CHUNK, end - pos)
+            drv.pwrite(ZEROV[:k], pos)
             pos += k
 
     def _write_zeroes(self, req: Request) -> None:

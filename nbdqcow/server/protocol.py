@@ -10,9 +10,10 @@ import socket
 from typing import TYPE_CHECKING, cast
 
 from nbdqcow.errors import RemoteProtocolError
+from nbdqcow.nbd.buffers import Leases
 from nbdqcow.nbd.handshake import ServerHandshake
 from nbdqcow.nbd.transmission import Request, RequestDecoder
-from nbdqcow.server.dispatch import Dispatcher, Reply
+from nbdqcow.server.dispatch import Dispatcher, Leased, Reply
 from nbdqcow.server.flow import FlowControl
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         # replies produced while handling one batch of requests go out in one writev
         self._cork: list[bytes | bytearray | memoryview] | None = None
         self.peer = ""
+        self.leases = Leases()  # pooled READ buffers the transport may still be sending
 
     # --- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,6 +95,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.flow.pause_writing()
 
     def resume_writing(self) -> None:
+        self.leases.reclaim()
         if self.flow is not None:
             self.flow.resume_writing()
 
@@ -205,14 +208,15 @@ class NbdProtocol(asyncio.BufferedProtocol):
     def send(self, bufs: Reply) -> None:
         if self._cork is not None:
             self._cork.extend(bufs)
-            return
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        if len(bufs) == 1:
-            t.write(bufs[0])
         else:
-            t.writelines(bufs)
+            t = self.transport
+            if t is not None and not t.is_closing():
+                if len(bufs) == 1:
+                    t.write(bufs[0])
+                else:
+                    t.writelines(bufs)
+        if type(bufs) is Leased:
+            self.leases.add(bufs.buf)
 
     def _disconnect(self) -> None:
         """NBD_CMD_DISC: stop reading, finish what is in flight, then close."""

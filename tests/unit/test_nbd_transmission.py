@@ -161,6 +161,9 @@ class MemDriver:
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(self.data[offset : offset + length])
 
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self.data[offset : offset + len(buf)]
+
     def pwrite(self, data: Any, offset: int, fua: bool = False) -> None:
         self.data[offset : offset + len(data)] = data
 
