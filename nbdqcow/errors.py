@@ -46,6 +46,11 @@ class NotSupported(NbdqcowError):
     """The operation is not supported (e.g. a FAST_ZERO request that cannot be fast)."""
 
 
+class WouldBlock(NbdqcowError):
+    """A read asked not to wait found its data outside the page cache (retry it where
+    waiting is fine: a worker thread)."""
+
+
 class InvalidRequest(NbdqcowError):
     """A request is malformed (bad flags, bad alignment...)."""
 

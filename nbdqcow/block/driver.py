@@ -69,8 +69,10 @@ class BlockDriver(Protocol):
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
-    def preadinto(self, offset: int, buf: memoryview) -> None:
-        """pread into ``buf`` (len(buf) bytes at ``offset``); avoids a fresh buffer."""
+    def preadinto(self, offset: int, buf: memoryview, nowait: bool = False) -> None:
+        """pread into ``buf`` (len(buf) bytes at ``offset``); avoids a fresh buffer.
+        ``nowait``: raise WouldBlock rather than wait for guest data to come from disk
+        (the server then retries in a worker thread)."""
         ...
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None: ...

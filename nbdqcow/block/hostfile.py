@@ -9,7 +9,9 @@ import os
 import threading
 
 from nbdqcow.block.zeros import fill_zero
+from nbdqcow.errors import WouldBlock
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 8)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
@@ -54,7 +56,20 @@ class HostFile:
             offset += len(chunk)
         return bytes(out)
 
-    def preadinto(self, buf: memoryview, offset: int) -> None:
+    def preadinto(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
+        """Fill ``buf`` from ``offset`` (zeros past the end of the file).  ``nowait``:
+        raise WouldBlock instead of waiting for the disk (RWF_NOWAIT; data in the page
+        cache only)."""
+        if nowait:
+            try:
+                n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise WouldBlock(str(e)) from None
+                raise
+            if n < len(buf):  # partly cached (or the end of the file): wait for the rest
+                raise WouldBlock(f"{n} of {len(buf)} bytes cached")
+            return
         n = os.preadv(self.fd, [buf], offset)
         while n < len(buf):
             got = os.preadv(self.fd, [buf[n:]], offset + n)

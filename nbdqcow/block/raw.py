@@ -46,9 +46,9 @@ class RawDriver:
         check_range(self._size, offset, length)
         return self.file.pread(length, self.offset + offset)
 
-    def preadinto(self, offset: int, buf: memoryview) -> None:
+    def preadinto(self, offset: int, buf: memoryview, nowait: bool = False) -> None:
         check_range(self._size, offset, len(buf))
-        self.file.preadinto(buf, self.offset + offset)
+        self.file.preadinto(buf, self.offset + offset, nowait)
 
     def _check_write(self, offset: int, length: int) -> None:
         if not self._caps.writable:

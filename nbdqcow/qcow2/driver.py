@@ -392,7 +392,7 @@ class Qcow2Driver:
         # range, which the server orders after this read.
         return self.data_file.pread(length, host)
 
-    def preadinto(self, offset: int, buf: memoryview) -> None:
+    def preadinto(self, offset: int, buf: memoryview, nowait: bool = False) -> None:
         """Like pread, into ``buf`` (whose old contents do not matter)."""
         length = len(buf)
         check_range(self._size, offset, length)
@@ -401,11 +401,11 @@ class Qcow2Driver:
             if host is None:
                 runs = list(self.runs(offset, length))
                 if len(runs) != 1 or runs[0][2] is not SC.NORMAL:
-                    self._read_into(buf, offset, runs)
+                    self._read_into(buf, offset, runs, nowait=nowait)
                     return
                 host = runs[0][3]
                 self._check_in_file(host, length)
-        self.data_file.preadinto(buf, host)  # outside the lock: see pread
+        self.data_file.preadinto(buf, host, nowait)  # outside the lock: see pread
 
     def _fast_host(self, offset: int, length: int, write: bool = False) -> int | None:
         """Hot path: host offset when [offset, offset+length) lies in one cluster that
@@ -450,19 +450,20 @@ class Qcow2Driver:
         return bytes(buf)
 
     def _read_into(
-        self, mv: memoryview, offset: int, runs: list[Run], zeroed: bool = False
+        self, mv: memoryview, offset: int, runs: list[Run], zeroed: bool = False,
+        nowait: bool = False,
     ) -> None:
         """Fill ``mv`` with guest [offset, offset+len(mv)) following ``runs``."""
         for start, n, t, host in runs:
             o = start - offset
             if t is SC.NORMAL:
                 self._check_in_file(host, n)
-                self.data_file.preadinto(mv[o : o + n], host)
+                self.data_file.preadinto(mv[o : o + n], host, nowait)
             elif t in READS_ZERO:
                 if not zeroed:
                     fill_zero(mv[o : o + n])
             elif t in READS_BACKING:
-                self._read_backing(mv[o : o + n], start)
+                self._read_backing(mv[o : o + n], start, nowait)
             elif t is SC.COMPRESSED:
                 data = self._decompress(host)
                 co = start & (self.geo.cluster_size - 1)
@@ -477,11 +478,11 @@ class Qcow2Driver:
         if host + n > self._file_size:
             self.mark_corrupt(f"data cluster at {host:#x} lies past the end of the file")
 
-    def _read_backing(self, out: memoryview, offset: int) -> None:
+    def _read_backing(self, out: memoryview, offset: int, nowait: bool = False) -> None:
         b = self.backing
         n = 0 if b is None else max(0, min(len(out), b.size - offset))
         if b is not None and n:
-            b.preadinto(offset, out[:n])
+            b.preadinto(offset, out[:n], nowait)
         if n < len(out):  # past the end of a shorter backing file (or none): zeros
             fill_zero(out[n:])
 

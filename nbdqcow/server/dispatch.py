@@ -24,6 +24,7 @@ from nbdqcow.errors import (
     NBD_EOVERFLOW,
     NBD_EPERM,
     NbdqcowError,
+    WouldBlock,
     nbd_errno,
 )
 from nbdqcow.nbd.buffers import POOL, POOL_MIN
@@ -57,6 +58,13 @@ class Leased(list[Buffer]):
 
 #: requests smaller than this run inline on the event loop
 INLINE_LIMIT = 256 * 1024
+#: larger READs are first tried on the event loop with data from the page cache only
+#: (RWF_NOWAIT), and go to a worker thread when that would wait for the disk: on warm
+#: data the thread hop (and the GIL hand-offs it takes) costs more than the copy
+NOWAIT_MAX = 4 * 1024 * 1024
+#: after this many misses in a row (cold data, O_DIRECT) stop trying for a while
+NOWAIT_MISSES = 4
+NOWAIT_PAUSE = 64
 #: structured READs at least this large look for holes through block status (smaller
 #: ones are read and sent as one hole when they are all zeroes)
 HOLE_SCAN_MIN = INLINE_LIMIT
@@ -169,6 +177,8 @@ class Dispatcher:
         self.writable = export.writable
         self.disconnecting = False
         self.tasks: set[asyncio.Task[None]] = set()
+        self._nowait_misses = 0
+        self._nowait_skip = 0
         df = _DF if self.structured else 0
         pl = _PAYLOAD_LEN if neg.extended else 0
         self._allowed: dict[int, int] = {
@@ -218,13 +228,29 @@ class Dispatcher:
 
     def _run(
         self, req: Request, start: int, end: int, write: bool, fn: Callable[[], Reply],
-        inline: bool,
+        inline: bool, attempt: Callable[[], Reply] | None = None,
     ) -> None:
+        """Answer ``req`` with ``fn()``: right here when ``inline``, else in a worker
+        thread, after the requests it overlaps.  ``attempt``, when given, is tried here
+        first and may raise WouldBlock (then ``fn`` runs in a thread)."""
         tracker = self.export.tracker
         waits = tracker.conflicts(start, end, write) if tracker.ops else []
-        if inline and not waits:
-            self.send(self._call(req, fn))
-            return
+        if not waits:
+            if inline:
+                self.send(self._call(req, fn))
+                return
+            if attempt is not None and self._try_nowait():
+                try:
+                    reply = attempt()
+                except WouldBlock:
+                    self._nowait_missed()
+                except Exception as e:
+                    self.send(self._error_reply(req, e))
+                    return
+                else:
+                    self._nowait_misses = 0
+                    self.send(reply)
+                    return
         fut: asyncio.Future[None] = self.loop.create_future()
         tracker.add(start, end, write, fut)
         nbytes = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
@@ -250,6 +276,18 @@ class Dispatcher:
             self.export.tracker.remove(fut)
             self.flow.finish(nbytes)
 
+    def _try_nowait(self) -> bool:
+        if self._nowait_skip:
+            self._nowait_skip -= 1
+            return False
+        return True
+
+    def _nowait_missed(self) -> None:
+        self._nowait_misses += 1
+        if self._nowait_misses >= NOWAIT_MISSES:
+            self._nowait_misses = 0
+            self._nowait_skip = NOWAIT_PAUSE
+
     # --- commands -----------------------------------------------------------------------
     def _read(self, req: Request) -> None:
         off, n = req.offset, req.length
@@ -260,23 +298,31 @@ class Dispatcher:
         if off + n > self.size:
             self._fail(req, NBD_EINVAL, "read past the end of the export")
             return
-        if self.structured:
-            df = bool(req.flags & _DF)
-            self._run(req, off, off + n, False, lambda: self._read_structured(req, df),
-                      n < INLINE_LIMIT)
-        else:
-            self._run(req, off, off + n, False, lambda: self._read_simple(req), n < INLINE_LIMIT)
+        read = self._read_structured if self.structured else self._read_simple
+        attempt = (lambda: read(req, True)) if n <= NOWAIT_MAX else None
+        self._run(req, off, off + n, False, lambda: read(req, False), n < INLINE_LIMIT,
+                  attempt)
 
-    def _read_simple(self, req: Request) -> Reply:
+    def _pooled_read(self, off: int, buf: bytearray | memoryview, nowait: bool) -> None:
+        """preadinto a pooled buffer; a WouldBlock gives it straight back."""
+        try:
+            self.driver.preadinto(off, memoryview(buf), nowait)
+        except WouldBlock:
+            if isinstance(buf, bytearray):
+                POOL.give(buf)
+            raise
+
+    def _read_simple(self, req: Request, nowait: bool) -> Reply:
         head = self.enc.read_simple(req.cookie)
         if req.length < POOL_MIN:
             return [head, self.driver.pread(req.offset, req.length)] if req.length else [head]
         buf = POOL.take(req.length)
-        self.driver.preadinto(req.offset, memoryview(buf))
+        self._pooled_read(req.offset, buf, nowait)
         return Leased([head, buf], buf)
 
-    def _read_structured(self, req: Request, df: bool) -> Reply:
+    def _read_structured(self, req: Request, nowait: bool) -> Reply:
         enc, drv, cookie, off, n = self.enc, self.driver, req.cookie, req.offset, req.length
+        df = bool(req.flags & _DF)
         if n == 0:
             return [enc.none(cookie, off)]
         if df or n < HOLE_SCAN_MIN or not self.caps.block_status:
@@ -285,7 +331,7 @@ class Dispatcher:
                 data = drv.pread(off, n)
             else:
                 data = POOL.take(n)
-                drv.preadinto(off, memoryview(data))
+                self._pooled_read(off, data, nowait)
             if not df and is_zero(data):
                 return [enc.hole(cookie, off, n, True, off)]
             reply: Reply = [enc.data(cookie, off, n, True, off), data]
@@ -308,14 +354,18 @@ class Dispatcher:
         last = len(runs) - 1
         buf = POOL.take(n)  # n >= HOLE_SCAN_MIN: pooled
         mv = memoryview(buf)
-        for i, (s, length, z) in enumerate(runs):
-            if z:
-                out.append(enc.hole(cookie, s, length, i == last, off))
-            else:
-                piece = mv[s - off : s - off + length]
-                drv.preadinto(s, piece)
-                out.append(enc.data(cookie, s, length, i == last, off))
-                out.append(piece)
+        try:
+            for i, (s, length, z) in enumerate(runs):
+                if z:
+                    out.append(enc.hole(cookie, s, length, i == last, off))
+                else:
+                    piece = mv[s - off : s - off + length]
+                    drv.preadinto(s, piece, nowait)
+                    out.append(enc.data(cookie, s, length, i == last, off))
+                    out.append(piece)
+        except WouldBlock:
+            POOL.give(buf)  # nothing was sent: the views into it die with this reply
+            raise
         return Leased(out, buf)
 
     def _check_write(self, req: Request) -> bool:

@@ -46,6 +46,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.backlog: collections.deque[Request] = collections.deque()
         # replies produced while handling one batch of requests go out in one writev
         self._cork: list[bytes | bytearray | memoryview] | None = None
+        self._corked = 0  # bytes in _cork
         self.peer = ""
         self.leases = Leases()  # pooled READ buffers the transport may still be sending
 
@@ -133,15 +134,20 @@ class NbdProtocol(asyncio.BufferedProtocol):
             try:
                 self._handle_batch(reqs)
             finally:
-                self._uncork()
+                self._flush_cork()
+                self._cork = None
         else:
             self._handle_batch(reqs)
 
-    def _uncork(self) -> None:
-        bufs, self._cork = self._cork, None
+    def _flush_cork(self) -> None:
+        """Write what the batch produced so far (small replies joined into one write)."""
+        bufs = self._cork
+        if not bufs:
+            return
+        self._cork, self._corked = [], 0
         t = self.transport
-        if bufs and t is not None and not t.is_closing():
-            if JOIN_SMALL and sum(map(len, bufs)) <= JOIN_SMALL:
+        if t is not None and not t.is_closing():
+            if sum(map(len, bufs)) <= JOIN_SMALL:
                 t.write(b"".join(bufs))
             else:
                 t.writelines(bufs)
@@ -208,6 +214,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
     def send(self, bufs: Reply) -> None:
         if self._cork is not None:
             self._cork.extend(bufs)
+            self._corked += sum(map(len, bufs)) if len(bufs) > 1 else len(bufs[0])
+            if self._corked >= JOIN_SMALL:
+                # hand it to the transport now: its buffer limits (pause_writing) must
+                # see what a long batch of inline READs produces
+                self._flush_cork()
         else:
             t = self.transport
             if t is not None and not t.is_closing():

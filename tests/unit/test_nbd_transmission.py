@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from nbdqcow.block.driver import Capabilities, Extent
-from nbdqcow.errors import RemoteProtocolError
+from nbdqcow.errors import RemoteProtocolError, WouldBlock
 from nbdqcow.nbd.handshake import Negotiated
 from nbdqcow.nbd.transmission import ReplyEncoder, Request, RequestDecoder
-from nbdqcow.server.dispatch import Dispatcher, descriptors, is_zero
+from nbdqcow.server.dispatch import NOWAIT_MISSES, Dispatcher, descriptors, is_zero
 from nbdqcow.server.exports import Export
 
 REQ_MAGIC = 0x25609513
@@ -149,6 +149,8 @@ class MemDriver:
         self._caps = Capabilities(writable=writable, flush=True, discard=True,
                                   write_zeroes=True, block_status=True)
         self.flushes = 0
+        self.cold = False  # nowait reads raise WouldBlock
+        self.nowait_calls: list[bool] = []
 
     @property
     def size(self) -> int:
@@ -161,7 +163,10 @@ class MemDriver:
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(self.data[offset : offset + length])
 
-    def preadinto(self, offset: int, buf: memoryview) -> None:
+    def preadinto(self, offset: int, buf: memoryview, nowait: bool = False) -> None:
+        self.nowait_calls.append(nowait)
+        if nowait and self.cold:
+            raise WouldBlock("not in the page cache")
         buf[:] = self.data[offset : offset + len(buf)]
 
     def pwrite(self, data: Any, offset: int, fua: bool = False) -> None:
@@ -193,9 +198,9 @@ class FakeFlow:
 
 
 def run_requests(requests: list[Request], *, writable: bool = True, structured: bool = False,
-                 contexts: dict[int, str] | None = None, size: int = 1 << 20
-                 ) -> tuple[list[bytes], MemDriver]:
-    drv = MemDriver(size, writable)
+                 contexts: dict[int, str] | None = None, size: int = 1 << 20,
+                 drv: MemDriver | None = None) -> tuple[list[bytes], MemDriver]:
+    drv = drv or MemDriver(size, writable)
     export = Export("", drv, readonly=not writable, discard="unmap")
     neg = Negotiated(export.info(), structured=structured, contexts=contexts or {})
     sent: list[bytes] = []
@@ -259,6 +264,31 @@ def test_writes_reads_and_fua_flush() -> None:
     assert simple_errors(sent) == [0, 0, 0]
     assert sent[2][16:] == big[98:100] + b"abc" + big[103:104]
     assert drv.data[100:103] == b"abc" and drv.flushes == 1
+
+
+@pytest.mark.parametrize("cold", [False, True])
+@pytest.mark.parametrize("structured", [False, True])
+def test_large_reads_try_the_page_cache_then_a_thread(cold: bool, structured: bool) -> None:
+    drv = MemDriver(4 << 20)
+    drv.data[:] = bytes(range(256)) * (len(drv.data) // 256)
+    drv.cold = cold
+    n = 512 * 1024
+    sent, _ = run_requests([Request(READ, 0x4 if structured else 0, 1, 4096, n, None)],
+                           structured=structured, drv=drv)
+    assert sent[0][-n:] == drv.data[4096:4096 + n]
+    # warm: answered on the event loop; cold: the nowait try missed, a thread read it
+    assert drv.nowait_calls == ([True, False] if cold else [True])
+
+
+def test_cold_reads_stop_the_nowait_tries_for_a_while() -> None:
+    drv = MemDriver(4 << 20)
+    drv.cold = True
+    n = 256 * 1024
+    reqs = [Request(READ, 0, i, i * n, n, None) for i in range(NOWAIT_MISSES + 3)]
+    sent, _ = run_requests(reqs, drv=drv)
+    assert simple_errors(sent) == [0] * len(reqs)
+    assert drv.nowait_calls.count(True) == NOWAIT_MISSES
+    assert drv.nowait_calls.count(False) == len(reqs)
 
 
 def test_structured_read_of_zeroes_is_a_hole() -> None:

@@ -1,0 +1,36 @@
+"""HostFile.preadinto(nowait=True): page-cache data only, WouldBlock otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nbdqcow.block.hostfile import HostFile
+from nbdqcow.errors import WouldBlock
+
+
+def test_nowait_read_misses_dropped_pages_and_hits_cached_ones(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    f = HostFile(str(path), writable=False)
+    try:
+        os.fsync(f.fd)
+        os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+        buf = bytearray(256 * 1024)
+        with pytest.raises(WouldBlock):
+            f.preadinto(memoryview(buf), 512 * 1024, nowait=True)
+        f.preadinto(memoryview(buf), 512 * 1024)  # waits: now cached
+        buf2 = bytearray(len(buf))
+        f.preadinto(memoryview(buf2), 512 * 1024, nowait=True)
+        assert buf == buf2 == data[512 * 1024 : 768 * 1024]
+        # at the end of the file a nowait read is short: it asks for a blocking retry
+        with pytest.raises(WouldBlock):
+            f.preadinto(memoryview(bytearray(8192)), len(data) - 4096, nowait=True)
+        tail = bytearray(b"\xff" * 8192)
+        f.preadinto(memoryview(tail), len(data) - 4096)
+        assert tail == data[-4096:] + bytes(4096)
+    finally:
+        f.close()
