@@ -39,6 +39,7 @@ from nbdqcow.nbd.handshake import Negotiated
 from nbdqcow.nbd.transmission import ReplyEncoder, Request
 from nbdqcow.server.exports import Export
 from nbdqcow.server.flow import FlowControl
+from nbdqcow.server.workers import WORKERS
 
 log = logging.getLogger("nbdqcow.server")
 
@@ -176,7 +177,8 @@ class Dispatcher:
         self.loop = loop
         self.writable = export.writable
         self.disconnecting = False
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # requests waiting for overlapping ones
+        self.pending = 0  # requests started and not answered yet (waiting or in a thread)
         self._nowait_misses = 0
         self._nowait_skip = 0
         df = _DF if self.structured else 0
@@ -255,22 +257,41 @@ class Dispatcher:
         tracker.add(start, end, write, fut)
         nbytes = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
         self.flow.start(nbytes)
-        task = self.loop.create_task(self._deferred(req, fn, waits, inline, fut, nbytes))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.pending += 1
+        if waits:
+            task = self.loop.create_task(self._after(waits, req, fn, inline, fut, nbytes))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            self._start(req, fn, inline, fut, nbytes)
 
-    async def _deferred(
-        self, req: Request, fn: Callable[[], Reply], waits: list[asyncio.Future[None]],
+    async def _after(
+        self, waits: list[asyncio.Future[None]], req: Request, fn: Callable[[], Reply],
         inline: bool, fut: asyncio.Future[None], nbytes: int,
     ) -> None:
         try:
             for w in waits:
                 await w
-            if inline:
-                reply = self._call(req, fn)
-            else:
-                reply = await self.loop.run_in_executor(None, self._call, req, fn)
-            self.send(reply)
+        except BaseException:  # cancelled (shutdown): nothing will answer it
+            self._complete(fut, nbytes, None)
+            raise
+        self._start(req, fn, inline, fut, nbytes)
+
+    def _start(
+        self, req: Request, fn: Callable[[], Reply], inline: bool, fut: asyncio.Future[None],
+        nbytes: int,
+    ) -> None:
+        if inline:
+            self._complete(fut, nbytes, self._call(req, fn))
+        else:
+            WORKERS.submit(lambda: self._call(req, fn),
+                           lambda reply: self._complete(fut, nbytes, reply), self.loop)
+
+    def _complete(self, fut: asyncio.Future[None], nbytes: int, reply: Reply | None) -> None:
+        self.pending -= 1
+        try:
+            if reply is not None:
+                self.send(reply)
         finally:
             fut.set_result(None)
             self.export.tracker.remove(fut)

@@ -210,8 +210,8 @@ def run_requests(requests: list[Request], *, writable: bool = True, structured: 
                        FakeFlow(), asyncio.get_running_loop())  # type: ignore[arg-type]
         for r in requests:
             d.handle(r)
-        while d.tasks:
-            await asyncio.gather(*d.tasks)
+        while d.pending:
+            await asyncio.sleep(0.001)
 
     asyncio.run(main())
     return sent, drv

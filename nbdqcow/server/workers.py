@@ -1,0 +1,61 @@
+"""Worker threads for blocking engine calls, lighter than run_in_executor.
+
+Each job is a function and a completion callback: the thread runs the function and
+hands its result to the event loop with one ``call_soon_threadsafe``.  No
+concurrent.futures Future, no condition variable, no asyncio Task per request: on
+1 MiB writes that machinery (and the GIL hand-offs it takes) cost about as much as the
+copy itself.  One pool serves every connection and loop of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+#: threads at most (cold reads from a disk overlap up to this many)
+MAX_THREADS = 16
+
+Job = tuple[Callable[[], Any], Callable[[Any], None], asyncio.AbstractEventLoop]
+
+
+class Workers:
+    """Threads started on demand, up to ``max_threads``; daemon threads."""
+
+    def __init__(self, max_threads: int = MAX_THREADS) -> None:
+        self.max_threads = max_threads
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._threads = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(
+        self, fn: Callable[[], Any], done: Callable[[Any], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Run ``fn()`` in a thread, then ``done(result)`` on ``loop``.  ``fn`` must not
+        raise (wrap it); ``done`` is dropped if the loop is closed by then."""
+        self._jobs.put((fn, done, loop))
+        if self._idle == 0 and self._threads < self.max_threads:
+            with self._lock:
+                if self._threads < self.max_threads:
+                    self._threads += 1
+                    threading.Thread(target=self._work, name="nbdqcow-worker",
+                                     daemon=True).start()
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            self._idle += 1
+            fn, done, loop = jobs.get()
+            self._idle -= 1
+            result = fn()
+            try:
+                loop.call_soon_threadsafe(done, result)
+            except RuntimeError:  # the loop is closed: nobody waits for the answer
+                pass
+
+
+WORKERS = Workers()
