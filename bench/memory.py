@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512, help="image size in MiB (512)")
     p.add_argument("--servers", default="qemu-nbd,nbdqcow", help="comma-separated list")
     p.add_argument(
-        "--results", type=Path, default=REPO / "bench" / "RESULTS.md", help="'' for none"
+        "--results", type=str, default=str(REPO / "bench" / "RESULTS.md"), help="'' for none"
     )
     args = p.parse_args(argv)
     kinds = [k for k in args.servers.split(",") if k]
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(lines) + "\n"
     print()
     print(section)
-    if str(args.results):
-        update_results(args.results, section)
+    if args.results:
+        update_results(Path(args.results), section)
         print(f"memory: updated {args.results}")
     return 0
 

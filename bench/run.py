@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="where images go (default: a temporary dir)")
     p.add_argument(
         "--results",
-        type=Path,
-        default=REPO / "bench" / "RESULTS.md",
+        type=str,
+        default=str(REPO / "bench" / "RESULTS.md"),
         help="markdown output ('' for none)",
     )
     args = p.parse_args(argv)
@@ -341,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         text = table(rows, labels)
         print()
         print(text)
-        if str(args.results):
-            write_results(args.results, text, args, labels, (load_before, load_average()))
+        if args.results:
+            write_results(Path(args.results), text, args, labels, (load_before, load_average()))
             print(f"\nbench: wrote {args.results}")
     finally:
         for s in servers:

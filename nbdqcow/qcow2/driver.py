@@ -761,6 +761,19 @@ class Qcow2Driver:
             return False
         return True
 
+    def _zero_whole_cluster(self, pos: int, n: int) -> bool:
+        """A partial zero write at [pos, pos+n) may zero its whole (standard) cluster:
+        the cluster holds no data and the rest of it reads as zero."""
+        e, _ = self._entry(pos)
+        if std_type(e, self.header.has_data_file) not in (SC.UNALLOCATED_PLAIN, SC.ZERO_PLAIN,
+                                                          SC.ZERO_ALLOC):
+            return False
+        cs = self.geo.cluster_size
+        cstart = pos & ~(cs - 1)
+        cend = min(cstart + cs, self._size)
+        return (pos == cstart or self._reads_zero(cstart, pos - cstart)) and (
+            pos + n == cend or self._reads_zero(pos + n, cend - pos - n))
+
     def _zero_piece(self, pos: int, n: int, full: bool, op: Op, dry: bool) -> bool:
         h = self.header
         geo = self.geo
@@ -782,8 +795,18 @@ class Qcow2Driver:
         if geo.extended_l2:
             return self._zero_piece_ext(pos, n, op, dry)
         if not full:
-            if discard or self._reads_zero(pos, n):
+            if discard:
                 return False
+            if h.version >= 3 and self._zero_whole_cluster(pos, n):
+                # as qemu: the rest of an unallocated or zero cluster reads as zero, so
+                # the whole cluster becomes a zero cluster (no data written)
+                cs = geo.cluster_size
+                cstart = pos & ~(cs - 1)
+                return self._zero_piece(cstart, min(cs, self._size - cstart), True, op, dry)
+            if h.version < 3 and self._reads_zero(pos, n):
+                return False
+            # qemu writes the zeros (v3: even where they read as zero already, so that
+            # a cluster whose backing data shows around them gets allocated the same)
             if not dry:
                 self._write(memoryview(bytes(n)), pos)
             return True
