@@ -75,6 +75,13 @@ class BlockDriver(Protocol):
         (the server then retries in a worker thread)."""
         ...
 
+    def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(file descriptor, position) when guest [offset, offset+length) is stored
+        as-is and contiguously in one host file, so that the server may send it with
+        sendfile(2); None otherwise.  Only where that host range will not be handed to
+        other guest data while a reply may still be reading it (see Qcow2Driver)."""
+        ...
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None: ...
 
     def flush(self) -> None: ...

@@ -32,6 +32,7 @@ class HostFile:
             flags |= getattr(os, "O_DIRECT", 0)
         self.path = path
         self.writable = writable
+        self.direct = direct
         self.fd = os.open(path, flags)
         self._size_lock = threading.Lock()
 

@@ -46,6 +46,11 @@ class RawDriver:
         check_range(self._size, offset, length)
         return self.file.pread(length, self.offset + offset)
 
+    def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
+        if offset < 0 or length <= 0 or offset + length > self._size or self.file.direct:
+            return None
+        return self.file.fd, self.offset + offset
+
     def preadinto(self, offset: int, buf: memoryview, nowait: bool = False) -> None:
         check_range(self._size, offset, len(buf))
         self.file.preadinto(buf, self.offset + offset, nowait)

@@ -407,6 +407,27 @@ class Qcow2Driver:
                 self._check_in_file(host, length)
         self.data_file.preadinto(buf, host, nowait)  # outside the lock: see pread
 
+    def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
+        # Only under ``preserve``: a host cluster then keeps its guest cluster for good,
+        # so bytes a reply is still sending from the page cache can change only by a
+        # write to the same guest range (which overlapped the READ: NBD leaves that
+        # undefined).  Under ``release`` a discarded cluster may come back holding
+        # another guest range's data.
+        if self.policy is not Policy.PRESERVE or offset < 0 or length <= 0 or self.data_file.direct:
+            return None
+        if offset + length > self._size:
+            return None
+        with self._lock:
+            host = self._fast_host(offset, length)
+            if host is None:
+                runs = list(self.runs(offset, length))
+                if len(runs) != 1 or runs[0][2] is not SC.NORMAL:
+                    return None
+                host = runs[0][3]
+        if self.data_file is self.file and host + length > self._file_size:
+            return None  # the usual read path reports it
+        return self.data_file.fd, host
+
     def _fast_host(self, offset: int, length: int, write: bool = False) -> int | None:
         """Hot path: host offset when [offset, offset+length) lies in one cluster that
         holds data (standard, or all touched subclusters allocated) -- and, for a

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+from nbdqcow.block.cachestat import cached
 from nbdqcow.block.driver import Extent
 from nbdqcow.block.zeros import ZERO_CHUNK, ZEROS, ZEROV
 from nbdqcow.errors import (
@@ -161,6 +162,7 @@ class Dispatcher:
         send: Callable[[Reply], None],
         flow: FlowControl,
         loop: asyncio.AbstractEventLoop,
+        send_file: Callable[[bytes, int, int, int], bool] | None = None,
     ) -> None:
         self.export = export
         self.driver = export.driver
@@ -173,6 +175,7 @@ class Dispatcher:
             for cid, name in neg.contexts.items()
         ]
         self.send = send
+        self.send_file = send_file
         self.flow = flow
         self.loop = loop
         self.writable = export.writable
@@ -230,7 +233,7 @@ class Dispatcher:
 
     def _run(
         self, req: Request, start: int, end: int, write: bool, fn: Callable[[], Reply],
-        inline: bool, attempt: Callable[[], Reply] | None = None,
+        inline: bool, attempt: Callable[[], Reply | None] | None = None,
     ) -> None:
         """Answer ``req`` with ``fn()``: right here when ``inline``, else in a worker
         thread, after the requests it overlaps.  ``attempt``, when given, is tried here
@@ -251,7 +254,8 @@ class Dispatcher:
                     return
                 else:
                     self._nowait_misses = 0
-                    self.send(reply)
+                    if reply is not None:  # None: answered already (sendfile)
+                        self.send(reply)
                     return
         fut: asyncio.Future[None] = self.loop.create_future()
         tracker.add(start, end, write, fut)
@@ -320,9 +324,30 @@ class Dispatcher:
             self._fail(req, NBD_EINVAL, "read past the end of the export")
             return
         read = self._read_structured if self.structured else self._read_simple
-        attempt = (lambda: read(req, True)) if n <= NOWAIT_MAX else None
+
+        def attempt() -> Reply | None:
+            return None if self._read_spliced(req) else read(req, True)
+
         self._run(req, off, off + n, False, lambda: read(req, False), n < INLINE_LIMIT,
-                  attempt)
+                  attempt if n <= NOWAIT_MAX else None)
+
+    def _read_spliced(self, req: Request) -> bool:
+        """Answer a large READ with sendfile(2) from the page cache when its data is
+        stored contiguously and cached (no copy through Python at all)."""
+        if self.send_file is None:
+            return False
+        off, n = req.offset, req.length
+        ext = self.driver.host_extent(off, n)
+        if ext is None or not cached(ext[0], ext[1], n):
+            return False
+        if self.structured:
+            if not req.flags & _DF and self.caps.block_status and any(
+                    e.zero for e in self.driver.block_status(off, n)):
+                return False  # zero runs go out as holes: the usual path
+            head = self.enc.data(req.cookie, off, n, True, off)
+        else:
+            head = self.enc.read_simple(req.cookie)
+        return self.send_file(head, ext[0], ext[1], n)
 
     def _pooled_read(self, off: int, buf: bytearray | memoryview, nowait: bool) -> None:
         """preadinto a pooled buffer; a WouldBlock gives it straight back."""

@@ -34,3 +34,20 @@ def test_nowait_read_misses_dropped_pages_and_hits_cached_ones(tmp_path: Path) -
         assert tail == data[-4096:] + bytes(4096)
     finally:
         f.close()
+
+
+def test_cachestat_tells_cached_ranges(tmp_path: Path) -> None:
+    from nbdqcow.block.cachestat import cached
+
+    path = tmp_path / "g"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert cached(fd, 4096 + 5, 300000) is True  # just written: in the page cache
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert cached(fd, 0, 1 << 20) is False
+        os.pread(fd, 8192, 0)  # one page... and the readahead after it
+        assert cached(fd, 0, 4096) is True
+    finally:
+        os.close(fd)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import os
 import struct
 from typing import Any
 
@@ -150,6 +151,7 @@ class MemDriver:
                                   write_zeroes=True, block_status=True)
         self.flushes = 0
         self.cold = False  # nowait reads raise WouldBlock
+        self.extent_fd = -1  # host_extent: guest offset = position in this file
         self.nowait_calls: list[bool] = []
 
     @property
@@ -171,6 +173,9 @@ class MemDriver:
 
     def pwrite(self, data: Any, offset: int, fua: bool = False) -> None:
         self.data[offset : offset + len(data)] = data
+
+    def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
+        return None if self.extent_fd < 0 else (self.extent_fd, offset)
 
     def flush(self) -> None:
         self.flushes += 1
@@ -199,7 +204,8 @@ class FakeFlow:
 
 def run_requests(requests: list[Request], *, writable: bool = True, structured: bool = False,
                  contexts: dict[int, str] | None = None, size: int = 1 << 20,
-                 drv: MemDriver | None = None) -> tuple[list[bytes], MemDriver]:
+                 drv: MemDriver | None = None,
+                 send_file: Any = None) -> tuple[list[bytes], MemDriver]:
     drv = drv or MemDriver(size, writable)
     export = Export("", drv, readonly=not writable, discard="unmap")
     neg = Negotiated(export.info(), structured=structured, contexts=contexts or {})
@@ -207,7 +213,8 @@ def run_requests(requests: list[Request], *, writable: bool = True, structured: 
 
     async def main() -> None:
         d = Dispatcher(export, neg, lambda bufs: sent.append(b"".join(bytes(b) for b in bufs)),
-                       FakeFlow(), asyncio.get_running_loop())  # type: ignore[arg-type]
+                       FakeFlow(), asyncio.get_running_loop(),  # type: ignore[arg-type]
+                       send_file)
         for r in requests:
             d.handle(r)
         while d.pending:
@@ -278,6 +285,40 @@ def test_large_reads_try_the_page_cache_then_a_thread(cold: bool, structured: bo
     assert sent[0][-n:] == drv.data[4096:4096 + n]
     # warm: answered on the event loop; cold: the nowait try missed, a thread read it
     assert drv.nowait_calls == ([True, False] if cold else [True])
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_large_cached_reads_go_out_with_sendfile(tmp_path: Any, structured: bool) -> None:
+    drv = MemDriver(4 << 20)
+    drv.data[:] = os.urandom(len(drv.data))
+    path = tmp_path / "host"
+    path.write_bytes(drv.data)  # just written: in the page cache
+    drv.extent_fd = os.open(path, os.O_RDONLY)
+    calls: list[tuple[bytes, int, int, int]] = []
+
+    def send_file(head: bytes, fd: int, pos: int, n: int) -> bool:
+        calls.append((head, fd, pos, n))
+        return True
+
+    n = 512 * 1024
+    try:
+        sent, _ = run_requests([
+            Request(READ, 0, 1, 4096, n, None),  # sent with sendfile
+            Request(WRITE, 0, 2, 3 << 20, n, bytes(n)),  # in a thread: pending...
+            Request(READ, 0, 3, (3 << 20) + 100, n, None),  # ...so this one waits, copied
+            Request(READ, 0, 4, 100, 1000, None),  # small: copied inline
+        ], structured=structured, drv=drv, send_file=send_file)
+    finally:
+        os.close(drv.extent_fd)
+    assert [(fd, pos, k) for _, fd, pos, k in calls] == [(drv.extent_fd, 4096, n)]
+    head = calls[0][0]
+    if structured:  # one OFFSET_DATA chunk with DONE, for the whole request
+        assert struct.unpack(">IHHQIQ", head) == (STRUCT, 1, 1, 1, n + 8, 4096)
+    else:
+        assert struct.unpack(">IIQ", head) == (SIMPLE, 0, 1)
+    assert len(sent) == 3  # the write and the two copied reads
+    big = [s for s in sent if len(s) > n]  # the read that waited saw the write's zeros
+    assert len(big) == 1 and big[0][-n:] == bytes(n - 100) + drv.data[(3 << 20) + n:][:100]
 
 
 def test_cold_reads_stop_the_nowait_tries_for_a_while() -> None:
