@@ -40,7 +40,7 @@ from nbdqcow.nbd.handshake import Negotiated
 from nbdqcow.nbd.transmission import ReplyEncoder, Request
 from nbdqcow.server.exports import Export
 from nbdqcow.server.flow import FlowControl
-from nbdqcow.server.workers import WORKERS
+from nbdqcow.server.workers import WORKERS, WRITER
 
 log = logging.getLogger("nbdqcow.server")
 
@@ -80,6 +80,7 @@ _DF = int(CmdFlag.DF)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _FAST_ZERO = int(CmdFlag.FAST_ZERO)
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_WRITER_CMDS = frozenset({int(Cmd.WRITE), int(Cmd.WRITE_ZEROES), int(Cmd.TRIM)})
 _HOLE = int(StateFlag.HOLE)
 _ZERO = int(StateFlag.ZERO)
 
@@ -288,8 +289,9 @@ class Dispatcher:
         if inline:
             self._complete(fut, nbytes, self._call(req, fn))
         else:
-            WORKERS.submit(lambda: self._call(req, fn),
-                           lambda reply: self._complete(fut, nbytes, reply), self.loop)
+            lane = WRITER if req.cmd in _WRITER_CMDS else WORKERS
+            lane.submit(lambda: self._call(req, fn),
+                        lambda reply: self._complete(fut, nbytes, reply), self.loop)
 
     def _complete(self, fut: asyncio.Future[None], nbytes: int, reply: Reply | None) -> None:
         self.pending -= 1
