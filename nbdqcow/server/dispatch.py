@@ -326,6 +326,13 @@ class Dispatcher:
             self._fail(req, NBD_EINVAL, "read past the end of the export")
             return
         read = self._read_structured if self.structured else self._read_simple
+        if n < INLINE_LIMIT and not self.export.tracker.ops:  # the common case, directly
+            try:
+                reply = read(req, False)
+            except Exception as e:
+                reply = self._error_reply(req, e)
+            self.send(reply)
+            return
 
         def attempt() -> Reply | None:
             return None if self._read_spliced(req) else read(req, True)
