@@ -57,6 +57,26 @@ class Extent(NamedTuple):
         return self.depth + 1 if self.present else 0
 
 
+class DirtyRun(NamedTuple):
+    """One run of a dirty bitmap (qemu:dirty-bitmap:NAME): written while it tracked, or not."""
+
+    start: int
+    length: int
+    dirty: bool
+
+
+class DirtyBitmapSource(Protocol):
+    """A persistent dirty bitmap the server exports (qemu-nbd -B NAME)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def dirty_runs(self, offset: int, length: int, max_runs: int) -> list[DirtyRun]:
+        """Maximal runs from ``offset``: they cover [offset, offset+length), or a prefix
+        of it when there would be more than ``max_runs``."""
+        ...
+
+
 @runtime_checkable
 class BlockDriver(Protocol):
     """Size and pread are required; the rest is announced by ``caps``."""

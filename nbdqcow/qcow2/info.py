@@ -11,7 +11,6 @@ for line.
 from __future__ import annotations
 
 import os
-import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,17 +19,11 @@ from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.open import probe_format
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.bitmaps import read_directory
 from nbdqcow.qcow2.header import Header, parse_header
 from nbdqcow.qcow2.snapshot import Snapshot, read_snapshot_table
 
 Info = dict[str, Any]
-
-_BITMAP_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
-_BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, gran, name, extra
-BME_FLAG_IN_USE = 1 << 0
-BME_FLAG_AUTO = 1 << 1
-MAX_BITMAPS = 65535
-MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
 
 
 # --- facts ---------------------------------------------------------------------------------
@@ -41,36 +34,14 @@ def read_header(f: HostFile) -> Header:
 
 def read_bitmaps(f: HostFile, header: Header) -> list[Info]:
     """The bitmap directory as qemu-img info lists it (flags, name, granularity)."""
-    ext = header.extension(L.EXT_BITMAPS)
-    if ext is None or not header.autoclear_features & L.AUTOCLEAR_BITMAPS:
-        return []
-    if len(ext) < _BITMAP_EXT.size:
-        raise ImageOpenError("bitmaps header extension is truncated")
-    count, _, dsize, doff = _BITMAP_EXT.unpack_from(ext)
-    if count == 0:
-        return []
-    if count > MAX_BITMAPS or dsize > MAX_BITMAP_DIRECTORY:
-        raise ImageOpenError("bitmap directory is too large")
-    if doff % header.cluster_size or doff + dsize > f.size():
-        raise ImageOpenError("bitmap directory lies outside the image")
-    buf = f.pread(dsize, doff)
     out: list[Info] = []
-    pos = 0
-    for _ in range(count):
-        if pos + _BITMAP_ENTRY.size > len(buf):
-            raise ImageOpenError("bitmap directory is truncated")
-        _, _, flags, _, gbits, nlen, elen = _BITMAP_ENTRY.unpack_from(buf, pos)
-        nstart = pos + _BITMAP_ENTRY.size + elen
-        if nstart + nlen > len(buf):
-            raise ImageOpenError("bitmap directory is truncated")
-        name = buf[nstart : nstart + nlen].decode("utf-8", "replace")
+    for e in read_directory(f, header):
         names = []
-        if flags & BME_FLAG_IN_USE:
+        if e.in_use:
             names.append("in-use")
-        if flags & BME_FLAG_AUTO:
+        if e.auto:
             names.append("auto")
-        out.append({"flags": names, "name": name, "granularity": 1 << gbits})
-        pos = (nstart + nlen + 7) & ~7
+        out.append({"flags": names, "name": e.name, "granularity": e.granularity})
     return out
 
 
