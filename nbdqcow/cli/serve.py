@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 
 from nbdqcow import __version__
+from nbdqcow.block.driver import BlockDriver, DirtyBitmapSource
 from nbdqcow.block.open import open_image, probe_format
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.server.exports import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, Export
@@ -60,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="serve a temporary qcow2 overlay; the image is not modified")
     a("-A", "--allocation-depth", action="store_true",
       help="expose the qemu:allocation-depth metadata context")
+    a("-B", "--bitmap", action="append", default=[], metavar="NAME",
+      help="expose a persistent dirty bitmap as qemu:dirty-bitmap:NAME (with -r)")
     a("--discard", choices=(*DISCARD_MODES, "off", "on"), default="ignore",
       help="honour TRIM (unmap, or on) or not (ignore, or off)")
     a("--detect-zeroes", choices=DETECT_ZEROES_MODES, default="off",
@@ -153,6 +156,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise NbdqcowError("--detect-zeroes=unmap needs --discard=unmap")
     args.discard = {"off": "ignore", "on": "unmap"}.get(args.discard, args.discard)
     readonly = args.read_only or bool(args.load_snapshot)
+    if args.bitmap and not readonly:
+        # checked before the image is opened: a writable open clears the bitmaps' bit
+        raise NbdqcowError("-B/--bitmap needs a read-only export (-r): nbdqcow does not "
+                           "maintain dirty bitmaps on writes")
     fmt = args.format or probe_format(args.filename)
     with contextlib.ExitStack() as stack:
         path = args.filename
@@ -174,10 +181,20 @@ def run_serve(args: argparse.Namespace) -> int:
             detect_zeroes=args.detect_zeroes,
             cache=args.cache,
             multi_conn=args.shared != 1,
+            bitmaps=_bitmaps(driver, args.bitmap),
         )
         listeners = _listeners(args)
         return _serve(args, export, listeners)
     return 0  # pragma: no cover - the with block always returns
+
+
+def _bitmaps(driver: BlockDriver, names: list[str]) -> tuple[DirtyBitmapSource, ...]:
+    """The -B bitmaps, in the order qemu-nbd 7.2 lists their contexts (last given first)."""
+    if not names:
+        return ()
+    from nbdqcow.qcow2.bitmaps import find_dirty_bitmap
+
+    return tuple(find_dirty_bitmap(driver, name) for name in reversed(dict.fromkeys(names)))
 
 
 def _serve(args: argparse.Namespace, export: Export, listeners: list[socket.socket]) -> int:

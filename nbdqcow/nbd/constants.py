@@ -127,3 +127,7 @@ class StateFlag(IntFlag):
 
 BASE_ALLOCATION = "base:allocation"
 QEMU_ALLOCATION_DEPTH = "qemu:allocation-depth"
+#: prefix of qemu's dirty bitmap contexts: qemu:dirty-bitmap:NAME (qemu's docs/interop/nbd.rst)
+QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"
+#: the one flag of a qemu:dirty-bitmap: context
+NBD_STATE_DIRTY = 1 << 0

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 from nbdqcow.block.cachestat import cached
-from nbdqcow.block.driver import Extent
+from nbdqcow.block.driver import DirtyBitmapSource, DirtyRun, Extent
 from nbdqcow.block.zeros import ZERO_CHUNK, ZEROS, ZEROV
 from nbdqcow.errors import (
     NBD_EINVAL,
@@ -31,6 +32,7 @@ from nbdqcow.errors import (
 from nbdqcow.nbd.buffers import POOL, POOL_MIN
 from nbdqcow.nbd.constants import (
     MAX_PAYLOAD,
+    NBD_STATE_DIRTY,
     QEMU_ALLOCATION_DEPTH,
     Cmd,
     CmdFlag,
@@ -72,6 +74,9 @@ NOWAIT_PAUSE = 64
 HOLE_SCAN_MIN = INLINE_LIMIT
 #: BLOCK_STATUS over more than this runs in a worker thread
 BLOCK_STATUS_INLINE = 8 * 1024 * 1024
+#: descriptors of one dirty-bitmap reply at most (qemu's cap too); the rest of the range
+#: is left to the client's next request, as the NBD spec allows
+MAX_BITMAP_RUNS = 128 * 1024
 _EVERYTHING = 1 << 64
 
 _FUA = int(CmdFlag.FUA)
@@ -125,8 +130,22 @@ def _depth_flags(e: Extent) -> int:
     return e.allocation_depth
 
 
+def _dirty_flags(r: DirtyRun) -> int:
+    return NBD_STATE_DIRTY if r.dirty else 0
+
+
+class _Run(Protocol):
+    @property
+    def start(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+
+
+R = TypeVar("R", bound=_Run)
+
+
 def descriptors(
-    extents: Sequence[Extent], offset: int, length: int, status: Callable[[Extent], int],
+    extents: Sequence[R], offset: int, length: int, status: Callable[[R], int],
     req_one: bool,
 ) -> list[tuple[int, int]]:
     """(length, flags) descriptors covering [offset, offset+length), equal neighbours merged."""
@@ -171,10 +190,15 @@ class Dispatcher:
         self.size = export.driver.size
         self.enc = ReplyEncoder(neg.structured, neg.extended)
         self.structured = neg.structured or neg.extended
-        self.contexts = [
-            (cid, _depth_flags if name == QEMU_ALLOCATION_DEPTH else _allocation_flags)
-            for cid, name in neg.contexts.items()
-        ]
+        self.contexts: list[tuple[int, Callable[[Extent], int]]] = []
+        self.bitmaps: list[tuple[int, DirtyBitmapSource]] = []
+        for cid, name in neg.contexts.items():
+            bitmap = export.bitmap(name)
+            if bitmap is not None:
+                self.bitmaps.append((cid, bitmap))
+            else:
+                status = _depth_flags if name == QEMU_ALLOCATION_DEPTH else _allocation_flags
+                self.contexts.append((cid, status))
         self.send = send
         self.send_file = send_file
         self.flow = flow
@@ -539,7 +563,7 @@ class Dispatcher:
 
     def _block_status(self, req: Request) -> None:
         off, n = req.offset, req.length
-        if not self.contexts:
+        if not self.contexts and not self.bitmaps:
             self._fail(req, NBD_EINVAL, "no metadata context was negotiated")
             return
         if n == 0 or off + n > self.size:
@@ -547,19 +571,23 @@ class Dispatcher:
             return
         req_one = bool(req.flags & _REQ_ONE)
         enc, drv, caps, cookie = self.enc, self.driver, self.caps, req.cookie
-        contexts = self.contexts
+        contexts, bitmaps = self.contexts, self.bitmaps
 
         def fn() -> Reply:
-            if caps.block_status:
-                extents = drv.block_status(off, n)
-            else:
-                extents = [Extent(off, n, True, True, False, 0, None)]
-            out: Reply = []
-            last = len(contexts) - 1
-            for i, (cid, status) in enumerate(contexts):
-                descs = descriptors(extents, off, n, status, req_one)
-                out.append(enc.block_status(cookie, cid, descs, i == last, off))
-            return out
+            answers: list[tuple[int, list[tuple[int, int]]]] = []
+            if contexts:
+                if caps.block_status:
+                    extents = drv.block_status(off, n)
+                else:
+                    extents = [Extent(off, n, True, True, False, 0, None)]
+                answers += [(cid, descriptors(extents, off, n, status, req_one))
+                            for cid, status in contexts]
+            for cid, bitmap in bitmaps:
+                runs = bitmap.dirty_runs(off, n, 1 if req_one else MAX_BITMAP_RUNS)
+                answers.append((cid, descriptors(runs, off, n, _dirty_flags, req_one)))
+            last = len(answers) - 1
+            return [enc.block_status(cookie, cid, descs, i == last, off)
+                    for i, (cid, descs) in enumerate(answers)]
 
         self._run(req, off, off + n, False, fn, n <= BLOCK_STATUS_INLINE)
 

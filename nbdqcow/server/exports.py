@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from nbdqcow.block.driver import BlockDriver
+from nbdqcow.block.driver import BlockDriver, DirtyBitmapSource
 from nbdqcow.nbd.constants import (
     BASE_ALLOCATION,
     MAX_PAYLOAD,
     QEMU_ALLOCATION_DEPTH,
+    QEMU_DIRTY_BITMAP,
     TransmissionFlag,
 )
 from nbdqcow.nbd.handshake import ExportInfo
@@ -56,6 +57,8 @@ class Export:
     detect_zeroes: str = "off"
     cache: str = "writeback"
     multi_conn: bool = False
+    #: persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts (-B)
+    bitmaps: tuple[DirtyBitmapSource, ...] = ()
     tracker: RangeTracker = field(default_factory=RangeTracker)
 
     @property
@@ -88,9 +91,15 @@ class Export:
 
     @property
     def contexts(self) -> tuple[str, ...]:
-        if self.allocation_depth:
-            return (BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH)
-        return (BASE_ALLOCATION,)
+        depth = (QEMU_ALLOCATION_DEPTH,) if self.allocation_depth else ()
+        return (BASE_ALLOCATION, *depth, *(QEMU_DIRTY_BITMAP + b.name for b in self.bitmaps))
+
+    def bitmap(self, context: str) -> DirtyBitmapSource | None:
+        """The bitmap behind a qemu:dirty-bitmap: context name."""
+        for b in self.bitmaps:
+            if QEMU_DIRTY_BITMAP + b.name == context:
+                return b
+        return None
 
     def info(self) -> ExportInfo:
         return ExportInfo(
