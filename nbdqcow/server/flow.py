@@ -52,6 +52,10 @@ class FlowControl:
         return self.stopped or self.write_paused or self.backlog > 0 or self.saturated
 
     def _update(self) -> None:
+        # idle (DISC and shutdown wait for it): nothing in flight and nothing backlogged
+        # -- the backlog may also empty through requests answered inline, with no finish()
+        if self.requests == 0 and not self.backlog:
+            self.idle.set()
         rt = self.transport
         if rt.is_closing():
             return
@@ -75,11 +79,10 @@ class FlowControl:
         self.bytes -= nbytes
         if self.backlog and not self.saturated and self.on_capacity is not None:
             self.on_capacity()
-        if self.requests == 0 and not self.backlog:
-            self.idle.set()
         self._update()
 
-    def pause_for_backlog(self) -> None:
+    def update(self) -> None:
+        """Pause or resume reading as the counts now say (after the backlog changed)."""
         self._update()
 
     def stop(self) -> None:

@@ -151,19 +151,23 @@ class NbdProtocol(asyncio.BufferedProtocol):
             try:
                 self._handle_batch(reqs)
             finally:
-                self._flush_cork()
-                self._cork = None
+                # corking ends before the write: a reply produced while the transport
+                # writes (resume_writing -> backlog drained) goes out directly after it
+                bufs, self._cork, self._corked = self._cork, None, 0
+                self._write_joined(bufs)
         else:
             self._handle_batch(reqs)
 
     def _flush_cork(self) -> None:
-        """Write what the batch produced so far (small replies joined into one write)."""
-        bufs = self._cork
-        if not bufs:
-            return
-        self._cork, self._corked = [], 0
+        """Mid-batch: write what the batch produced so far; replies produced while that
+        write runs are corked again, after it."""
+        bufs, self._cork, self._corked = self._cork, [], 0
+        self._write_joined(bufs)
+
+    def _write_joined(self, bufs: list[bytes | bytearray | memoryview] | None) -> None:
+        """Write ``bufs`` (small ones joined into one write)."""
         t = self.transport
-        if t is not None and not t.is_closing():
+        if bufs and t is not None and not t.is_closing():
             if sum(map(len, bufs)) <= JOIN_SMALL:
                 t.write(b"".join(bufs))
             else:
@@ -182,7 +186,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             if flow.saturated:  # over the in-flight caps: the rest waits its turn
                 self.backlog.extend(reqs[i:])
                 flow.backlog = len(self.backlog)
-                flow.pause_for_backlog()
+                flow.update()
                 return
             disp.handle(req)
         if disp.disconnecting:
@@ -195,6 +199,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         while backlog and not flow.saturated and not disp.disconnecting:
             disp.handle(backlog.popleft())
         flow.backlog = len(backlog)
+        flow.update()  # reading resumes once the backlog is gone
         if disp.disconnecting:
             backlog.clear()
             flow.backlog = 0

@@ -467,3 +467,36 @@ def test_flood_memory_within_per_client_budget(served: Served) -> None:
     buffer + socket buffers + slack)."""
     grown = _flood(served)
     assert grown < 40 * 1024, f"server RSS grew by {grown // 1024} MiB"
+
+
+def test_disc_after_a_backlog_of_large_reads_closes(served: Served) -> None:
+    """Many large READs pipelined then DISC: more replies than the write buffer holds, so
+    requests wait in the backlog and are answered as it drains; every reply arrives,
+    then the server closes the connection (it once waited forever for 'idle')."""
+    sock = transmission(served)
+    n, size = 200, 256 * 1024
+    # first a large WRITE (answered from a worker thread), elsewhere
+    wdata = os.urandom(MiB)
+    stream = codec.build_request(Cmd.WRITE, 0, 999, 48 * MiB, MiB) + wdata
+    stream += b"".join(codec.build_request(Cmd.READ, 0, i + 1, (i % 64) * size, size)
+                       for i in range(n))
+    stream += codec.build_request(Cmd.DISC, 0, 0, 0, 0)
+    served.model[48 * MiB:49 * MiB] = wdata
+    sender = threading.Thread(target=sock.sendall, args=(stream,))
+    sender.start()
+    try:
+        sock.settimeout(TIMEOUT)
+        got = set()
+        for _ in range(n + 1):
+            magic, error, cookie = struct.unpack(">IIQ", recv_exact(sock, 16))
+            assert magic == 0x67446698 and error == 0
+            if cookie != 999:
+                off = (cookie - 1) % 64 * size
+                assert recv_exact(sock, size) == served.model[off:off + size]
+            got.add(cookie)
+        assert got == set(range(1, n + 1)) | {999}
+        assert closed_by_server(sock), "the server did not close the connection after DISC"
+    finally:
+        sender.join()
+        sock.close()
+    served.bystander_works()
