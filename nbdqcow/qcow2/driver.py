@@ -430,14 +430,19 @@ class Qcow2Driver:
 
     def _fast_host(self, offset: int, length: int, write: bool = False) -> int | None:
         """Hot path: host offset when [offset, offset+length) lies in one cluster that
-        holds data (standard, or all touched subclusters allocated) -- and, for a
-        ``write``, that this image owns alone (COPIED) -- else None."""
+        holds data (standard, or all touched subclusters allocated), or in consecutive
+        standard clusters of one L2 table that hold data at consecutive host offsets --
+        and, for a ``write``, that this image owns alone (COPIED) -- else None."""
         geo = self.geo
-        co = offset & (geo.cluster_size - 1)
-        if co + length > geo.cluster_size or self.data_file is not self.file:
+        cs = geo.cluster_size
+        co = offset & (cs - 1)
+        if self.data_file is not self.file or length <= 0:
+            return None
+        several = co + length > cs
+        if several and geo.extended_l2:
             return None
         l1i = offset >> self._l1_shift
-        if l1i >= len(self.l1):
+        if l1i >= len(self.l1) or (several and (offset + length - 1) >> self._l1_shift != l1i):
             return None
         table = self.l2_cache.get_cached(self.l1[l1i] & L.L1E_OFFSET_MASK)
         if table is None:
@@ -453,11 +458,20 @@ class Qcow2Driver:
             e = table[idx]
             if e & ZERO_FLAG:
                 return None
-        if e & L.QCOW_OFLAG_COMPRESSED or (write and not e & COPIED):
+        bad = L.QCOW_OFLAG_COMPRESSED | (0 if geo.extended_l2 else ZERO_FLAG)
+        if e & bad or (write and not e & COPIED):
             return None
         h = e & OFF_MASK
-        if not h or h & (geo.cluster_size - 1) or h + co + length > self._file_size:
+        if not h or h & (cs - 1) or h + co + length > self._file_size:
             return None
+        if several:
+            # every further cluster: data (not zero, not compressed; owned for a write)
+            # right after the previous one on the host
+            want = h
+            for e in table[idx + 1 : ((offset + length - 1) >> geo.cluster_bits & self._l2_mask) + 1]:
+                want += cs
+                if e & OFF_MASK != want or e & bad or (write and not e & COPIED):
+                    return None
         return h + co
 
     def _read(self, offset: int, length: int, runs: list[Run] | None = None) -> bytes:
