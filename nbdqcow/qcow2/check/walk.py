@@ -17,6 +17,7 @@ from array import array
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.bitmaps import BITMAP_ENTRY, BITMAP_EXT, BME_TABLE_OFFSET_MASK
 from nbdqcow.qcow2.check.result import FIX_ERRORS, CheckFailed, CheckResult
 from nbdqcow.qcow2.check.stored import read_at
 from nbdqcow.qcow2.entries import SC, std_type
@@ -27,9 +28,6 @@ from nbdqcow.qcow2.tables import load_u64, store_u64
 MAX_CLUSTERS = 1 << 31  # qemu-img check gives up beyond INT_MAX clusters as well
 _COUNT_CODES = {8: "B", 16: "H", 32: "L" if array("I").itemsize != 4 else "I", 64: "Q"}
 
-_BITMAP_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
-_BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, ...
-_BITMAP_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 # snapshot table entry, fixed part: l1_table_offset, l1_size, id_str_size, name_size,
 # date_sec, date_nsec, vm_clock_nsec, vm_state_size, extra_data_size
 _SNAP_ENTRY = struct.Struct(">QIHHIIQII")
@@ -227,26 +225,26 @@ class Walk:
         ext = h.extension(L.EXT_BITMAPS)
         if ext is None or not h.autoclear_features & L.AUTOCLEAR_BITMAPS:
             return
-        if len(ext) < _BITMAP_EXT.size:
+        if len(ext) < BITMAP_EXT.size:
             self.msg("ERROR bitmaps header extension is truncated")
             self.res.corruptions += 1
             return
-        count, _, dsize, doff = _BITMAP_EXT.unpack_from(ext)
+        count, _, dsize, doff = BITMAP_EXT.unpack_from(ext)
         if not count:
             return
         self.inc(doff, dsize)
         buf = read_at(self.file, dsize, doff)
         pos = 0
         for _ in range(count):
-            if pos + _BITMAP_ENTRY.size > len(buf):
+            if pos + BITMAP_ENTRY.size > len(buf):
                 self.msg("ERROR bitmap directory is truncated")
                 self.res.corruptions += 1
                 return
-            toff, tsize, _, _, _, nlen, elen = _BITMAP_ENTRY.unpack_from(buf, pos)
-            pos = (pos + _BITMAP_ENTRY.size + elen + nlen + 7) & ~7
+            toff, tsize, _, _, _, nlen, elen = BITMAP_ENTRY.unpack_from(buf, pos)
+            pos = (pos + BITMAP_ENTRY.size + elen + nlen + 7) & ~7
             self.inc(toff, tsize * 8)
             for e in load_u64(read_at(self.file, tsize * 8, toff)):
-                off = e & _BITMAP_TABLE_OFFSET_MASK
+                off = e & BME_TABLE_OFFSET_MASK
                 if off:
                     self.inc(off, self.cs)
 
