@@ -22,6 +22,22 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes of ``fd`` at ``offset``; past the end of the file they read as
+    zeros (a short read only happens there)."""
+    data = os.pread(fd, length, offset)
+    if len(data) < length:
+        out = bytearray(data)
+        while len(out) < length:
+            chunk = os.pread(fd, length - len(out), offset + len(out))
+            if not chunk:
+                out += bytes(length - len(out))
+                break
+            out += chunk
+        data = bytes(out)
+    return data
+
+
 class HostFile:
     """One open host file.  Reads past the end of the file return zeros."""
 
@@ -38,24 +54,7 @@ class HostFile:
 
     # --- reads and writes ------------------------------------------------------------
     def pread(self, length: int, offset: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:
-            # a short read only happens at end of file: the rest reads as zeros
-            rest = self._pread_rest(length - len(data), offset + len(data))
-            data = data + rest
-        return data
-
-    def _pread_rest(self, length: int, offset: int) -> bytes:
-        out = bytearray()
-        while length > 0:
-            chunk = os.pread(self.fd, length, offset)
-            if not chunk:
-                out += bytes(length)
-                break
-            out += chunk
-            length -= len(chunk)
-            offset += len(chunk)
-        return bytes(out)
+        return pread_full(self.fd, length, offset)
 
     def preadinto(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
         """Fill ``buf`` from ``offset`` (zeros past the end of the file).  ``nowait``:

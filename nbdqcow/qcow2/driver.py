@@ -377,16 +377,24 @@ class Qcow2Driver:
                          self.header.has_data_file, self.mark_corrupt)
 
     # ------------------------------------------------------------------ reading
+    def _locate(self, offset: int, length: int) -> tuple[int | None, list[Run]]:
+        """(host, []) when [offset, offset+length) reads from one contiguous run of host
+        data, else (None, its runs).  Call with the lock held."""
+        host = self._fast_host(offset, length)
+        if host is not None:
+            return host, []
+        runs = list(self.runs(offset, length))
+        if len(runs) == 1 and runs[0][2] is SC.NORMAL:
+            return runs[0][3], []
+        return None, runs
+
     def pread(self, offset: int, length: int) -> bytes:
         check_range(self._size, offset, length)
         with self._lock:
-            host = self._fast_host(offset, length)
+            host, runs = self._locate(offset, length)
             if host is None:
-                runs = list(self.runs(offset, length))
-                if len(runs) != 1 or runs[0][2] is not SC.NORMAL:
-                    return self._read(offset, length, runs)
-                host = runs[0][3]
-                self._check_in_file(host, length)
+                return self._read(offset, length, runs)
+            self._check_in_file(host, length)
         # Data I/O runs outside the lock so that large requests overlap.  A mapped
         # cluster only moves (or is freed) through a write or discard of the same guest
         # range, which the server orders after this read.
@@ -397,14 +405,11 @@ class Qcow2Driver:
         length = len(buf)
         check_range(self._size, offset, length)
         with self._lock:
-            host = self._fast_host(offset, length)
+            host, runs = self._locate(offset, length)
             if host is None:
-                runs = list(self.runs(offset, length))
-                if len(runs) != 1 or runs[0][2] is not SC.NORMAL:
-                    self._read_into(buf, offset, runs, nowait=nowait)
-                    return
-                host = runs[0][3]
-                self._check_in_file(host, length)
+                self._read_into(buf, offset, runs, nowait=nowait)
+                return
+            self._check_in_file(host, length)
         self.data_file.preadinto(buf, host, nowait)  # outside the lock: see pread
 
     def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
@@ -418,12 +423,9 @@ class Qcow2Driver:
         if offset + length > self._size:
             return None
         with self._lock:
-            host = self._fast_host(offset, length)
-            if host is None:
-                runs = list(self.runs(offset, length))
-                if len(runs) != 1 or runs[0][2] is not SC.NORMAL:
-                    return None
-                host = runs[0][3]
+            host, _ = self._locate(offset, length)
+        if host is None:
+            return None
         if self.data_file is self.file and host + length > self._file_size:
             return None  # the usual read path reports it
         return self.data_file.fd, host

@@ -90,6 +90,11 @@ _HOLE = int(StateFlag.HOLE)
 _ZERO = int(StateFlag.ZERO)
 
 
+def _with_data(reply: Reply, data: bytes | bytearray) -> Reply:
+    """``reply`` as it goes out: Leased when ``data`` is a pooled buffer."""
+    return Leased(reply, data) if isinstance(data, bytearray) else reply
+
+
 def is_zero(data: Buffer) -> bool:
     """True when every byte of ``data`` is zero (memcmp speed, no copy of bytes)."""
     n = len(data)
@@ -250,9 +255,10 @@ class Dispatcher:
             log.error("request %d failed", req.cmd, exc_info=exc)
         return [self.enc.error(req.cookie, nbd_errno(exc), str(exc), req.offset)]
 
-    def _call(self, req: Request, fn: Callable[[], Reply]) -> Reply:
+    def _call(self, req: Request, fn: Callable[..., Reply], *args: object) -> Reply:
+        """``fn(*args)``, or the error reply for what it raised."""
         try:
-            return fn()
+            return fn(*args)
         except Exception as e:
             return self._error_reply(req, e)
 
@@ -351,11 +357,7 @@ class Dispatcher:
             return
         read = self._read_structured if self.structured else self._read_simple
         if n < INLINE_LIMIT and not self.export.tracker.ops:  # the common case, directly
-            try:
-                reply = read(req, False)
-            except Exception as e:
-                reply = self._error_reply(req, e)
-            self.send(reply)
+            self.send(self._call(req, read, req, False))
             return
 
         def attempt() -> Reply | None:
@@ -382,22 +384,25 @@ class Dispatcher:
             head = self.enc.read_simple(req.cookie)
         return self.send_file(head, ext[0], ext[1], n)
 
-    def _pooled_read(self, off: int, buf: bytearray | memoryview, nowait: bool) -> None:
-        """preadinto a pooled buffer; a WouldBlock gives it straight back."""
+    def _fetch(self, off: int, n: int, nowait: bool) -> bytes | bytearray:
+        """The data of [off, off+n): fresh bytes when small, else a pooled buffer (its
+        reply goes out as Leased).  A WouldBlock gives the pooled buffer straight back."""
+        if n < POOL_MIN:
+            return self.driver.pread(off, n)
+        buf = POOL.take(n)
         try:
             self.driver.preadinto(off, memoryview(buf), nowait)
         except WouldBlock:
-            if isinstance(buf, bytearray):
-                POOL.give(buf)
+            POOL.give(buf)
             raise
+        return buf
 
     def _read_simple(self, req: Request, nowait: bool) -> Reply:
         head = self.enc.read_simple(req.cookie)
-        if req.length < POOL_MIN:
-            return [head, self.driver.pread(req.offset, req.length)] if req.length else [head]
-        buf = POOL.take(req.length)
-        self._pooled_read(req.offset, buf, nowait)
-        return Leased([head, buf], buf)
+        if not req.length:
+            return [head]
+        data = self._fetch(req.offset, req.length, nowait)
+        return _with_data([head, data], data)
 
     def _read_structured(self, req: Request, nowait: bool) -> Reply:
         enc, drv, cookie, off, n = self.enc, self.driver, req.cookie, req.offset, req.length
@@ -405,16 +410,10 @@ class Dispatcher:
         if n == 0:
             return [enc.none(cookie, off)]
         if df or n < HOLE_SCAN_MIN or not self.caps.block_status:
-            data: Buffer
-            if n < POOL_MIN:
-                data = drv.pread(off, n)
-            else:
-                data = POOL.take(n)
-                self._pooled_read(off, data, nowait)
+            data = self._fetch(off, n, nowait)
             if not df and is_zero(data):
                 return [enc.hole(cookie, off, n, True, off)]
-            reply: Reply = [enc.data(cookie, off, n, True, off), data]
-            return Leased(reply, data) if isinstance(data, bytearray) else reply
+            return _with_data([enc.data(cookie, off, n, True, off), data], data)
         runs: list[list[int]] = []  # [start, length, zero]
         pos, end = off, off + n
         for e in drv.block_status(off, n):

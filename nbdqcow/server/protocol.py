@@ -10,6 +10,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, cast
 
+from nbdqcow.block.hostfile import pread_full
 from nbdqcow.errors import RemoteProtocolError
 from nbdqcow.nbd.buffers import Leases
 from nbdqcow.nbd.handshake import ServerHandshake
@@ -30,17 +31,6 @@ JOIN_SMALL = 256 * 1024
 JOIN_REPLY = 64 * 1024
 #: seconds a client may take to finish the handshake (qemu-nbd's --handshake-limit)
 HANDSHAKE_LIMIT = 10.0
-
-
-def _pread_exact(fd: int, n: int, pos: int) -> bytes:
-    """``n`` bytes at ``pos`` (zeros past the end of the file)."""
-    data = os.pread(fd, n, pos)
-    while len(data) < n:
-        more = os.pread(fd, n - len(data), pos + len(data))
-        if not more:
-            return data + bytes(n - len(data))
-        data += more
-    return data
 
 
 class NbdProtocol(asyncio.BufferedProtocol):
@@ -102,8 +92,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         if self.flow is not None:
             self.flow.stopped = True
             self.flow.backlog = 0
-            if self.flow.requests == 0:
-                self.flow.idle.set()
+            self.flow.update()  # idle once nothing is in flight
         self.server.release(self)
         log.info("client %s disconnected", self.peer)
 
@@ -272,7 +261,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             return False
         if k < len(head):
             t.write(head[k:])
-            t.write(_pread_exact(fd, n, pos))
+            t.write(pread_full(fd, n, pos))
             return True
         sent = 0
         try:
@@ -284,7 +273,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         except OSError:  # the socket is full: the rest goes through the transport
             pass
         if sent < n:
-            t.write(_pread_exact(fd, n - sent, pos + sent))
+            t.write(pread_full(fd, n - sent, pos + sent))
         return True
 
     def _disconnect(self) -> None:
