@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from nbdqcow import __version__
 from nbdqcow.errors import NbdqcowError
@@ -18,13 +20,39 @@ from nbdqcow.errors import NbdqcowError
 _COMMANDS = ("serve", "create", "info", "map", "check", "snapshot", "layout", "relayout")
 
 
+class QemuStyleParser(argparse.ArgumentParser):
+    """Usage errors the way qemu's tools report them: one line naming the option, exit
+    status 1 -- never argparse's usage dump and status 2 (scripts test qemu-nbd's)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {_qemu_wording(message)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _qemu_wording(message: str) -> str:
+    """argparse's message in the words getopt (and so qemu-nbd) uses, where they differ."""
+    if message.startswith("unrecognized arguments: "):
+        first = message[len("unrecognized arguments: "):].split(" ")[0]
+        if first.startswith("-"):
+            return f"unrecognized option '{first.split('=')[0]}' (see --help)"
+        return f"unexpected argument '{first}' (see --help)"
+    m = re.match(r"argument (-\w)?/?(--[\w-]+)?: expected one argument$", message)
+    if m:
+        short, long = m.group(1), m.group(2)
+        if short:
+            return f"option requires an argument -- '{short[1:]}'"
+        return f"option '{long}' requires an argument"
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = QemuStyleParser(
         prog="nbdqcow",
         description="NBD server and qcow2 tools that never move a mapped cluster.",
     )
     parser.add_argument("-V", "--version", action="version", version=f"nbdqcow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=QemuStyleParser)
     for name in _COMMANDS:
         try:
             mod = importlib.import_module(f"nbdqcow.cli.{name}")
@@ -63,7 +91,7 @@ def qemu_nbd_main(argv: Sequence[str] | None = None) -> int:
     """Entry point ``nbdqcow-nbd``: qemu-nbd's command line, no subcommand."""
     from nbdqcow.cli.serve import add_arguments
 
-    parser = argparse.ArgumentParser(prog="nbdqcow-nbd")
+    parser = QemuStyleParser(prog="nbdqcow-nbd")
     add_arguments(parser)
     return run(argv, parser)
 

@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="clients served at once (default 1, 0 = unlimited)")
     a("-f", "--format", choices=("raw", "qcow2"), help="image format (probed when absent)")
     a("-o", "--offset", type=_int, default=0, help="offset into a raw image")
-    a("-l", "--load-snapshot", metavar="SNAPSHOT", help="serve an internal snapshot (read-only)")
+    a("-l", "--load-snapshot", metavar="SNAPSHOT",
+      help="serve an internal snapshot read-only: NAME, ID, snapshot.name=NAME or "
+           "snapshot.id=ID")
     a("-s", "--snapshot", action="store_true",
       help="serve a temporary qcow2 overlay; the image is not modified")
     a("-A", "--allocation-depth", action="store_true",
@@ -74,7 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="accepted for compatibility")
     a("--fork", action="store_true", help="fork into the background once ready")
     a("--pid-file", metavar="PATH", help="write the server's pid here")
-    a("-v", "--verbose", action="count", default=0, help="log connections and errors")
+    a("-v", "--verbose", action="count", default=0,
+      help="as qemu-nbd: keep stderr open after --fork (nothing more is printed)")
+    a("--log-connections", action="store_true",
+      help="log each connection and disconnection to stderr (nbdqcow only)")
+    a("-c", "--connect", metavar="DEV", help="attach the image to the kernel NBD device DEV")
+    a("-d", "--disconnect", metavar="DEV", help="detach the kernel NBD device DEV")
+    a("--selinux-label", metavar="LABEL", help="SELinux label of the unix socket")
     a("-V", "--version", action="version", version=f"nbdqcow {__version__}")
     a("-L", "--list", action="store_true", help="list the exports of a server (client mode)")
     a("--mapping", choices=("preserve", "release"), default=None,
@@ -131,6 +139,11 @@ def _create_overlay(overlay: str, backing: str, fmt: str) -> None:
 def _listeners(args: argparse.Namespace) -> list[socket.socket]:
     from nbdqcow.server import serve as srv
 
+    if args.connect:
+        # -c: a private socket that only nbd-client uses
+        if args.socket is None:
+            args.socket = os.path.join(tempfile.mkdtemp(prefix="nbdqcow-connect-"), "nbd.sock")
+        return [srv.unix_listener(args.socket)]
     if args.socket:
         if args.port is not None or args.bind is not None:
             raise NbdqcowError("--socket cannot be combined with --port or --bind")
@@ -145,11 +158,23 @@ def _listeners(args: argparse.Namespace) -> list[socket.socket]:
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if args.log_connections else logging.WARNING,
         format="nbdqcow: %(message)s",
     )
+    if args.disconnect:
+        from nbdqcow.cli.kernel_nbd import disconnect
+
+        return disconnect(args.disconnect)
     if args.list:
         return run_list(args)
+    if args.selinux_label is not None:
+        _check_selinux(args)
+    if args.load_snapshot:
+        args.load_snapshot = snapshot_spec(args.load_snapshot)
+    if args.connect:
+        from nbdqcow.cli.kernel_nbd import check_device
+
+        check_device(args.connect)
     if not args.filename:
         raise NbdqcowError("an image file is required (see --help)")
     if args.detect_zeroes == "unmap" and args.discard not in ("unmap", "on"):
@@ -188,6 +213,30 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - the with block always returns
 
 
+def snapshot_spec(text: str) -> str:
+    """``-l``'s value: a name or id, or qemu's ``snapshot.name=N`` / ``snapshot.id=I``."""
+    if "=" in text:
+        from nbdqcow.qemuopts import OptsError, parse_opts
+
+        try:
+            opts = parse_opts(text)
+        except OptsError:
+            return text
+        if set(opts) <= {"snapshot.name", "snapshot.id"} and opts:
+            return opts.get("snapshot.id") or opts["snapshot.name"]
+    return text
+
+
+def _check_selinux(args: argparse.Namespace) -> None:
+    """qemu-nbd's rules for --selinux-label: unix sockets only, and SELinux must be there
+    to set the label (this build cannot set one: refuse rather than serve unlabelled)."""
+    if not args.socket:
+        raise NbdqcowError("--selinux-label is not permitted without --socket")
+    why = "SELinux is not enabled on this host" if not os.path.isdir("/sys/fs/selinux") \
+        else "setting socket labels is not supported by nbdqcow"
+    raise NbdqcowError(f"Cannot set SELinux socket create context to {args.selinux_label}: {why}")
+
+
 def _bitmaps(driver: BlockDriver, names: list[str]) -> tuple[DirtyBitmapSource, ...]:
     """The -B bitmaps, in the order qemu-nbd 7.2 lists their contexts (last given first)."""
     if not names:
@@ -195,6 +244,24 @@ def _bitmaps(driver: BlockDriver, names: list[str]) -> tuple[DirtyBitmapSource, 
     from nbdqcow.qcow2.bitmaps import find_dirty_bitmap
 
     return tuple(find_dirty_bitmap(driver, name) for name in reversed(dict.fromkeys(names)))
+
+
+def _attach_in_background(dev: str, socket_path: str, name: str) -> None:
+    """-c: nbd-client connects to this very server, so it must not run on the event loop;
+    if it fails the server stops (as qemu-nbd exits when the device cannot be set up)."""
+    import signal
+    import threading
+
+    from nbdqcow.cli.kernel_nbd import attach
+
+    def work() -> None:
+        try:
+            attach(dev, socket_path, name)
+        except NbdqcowError as e:
+            print(f"nbdqcow: {e}", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=work, daemon=True).start()
 
 
 def _serve(args: argparse.Namespace, export: Export, listeners: list[socket.socket]) -> int:
@@ -216,6 +283,8 @@ def _serve(args: argparse.Namespace, export: Export, listeners: list[socket.sock
             f.write(f"{os.getpid()}\n")
 
     def ready() -> None:
+        if args.connect:
+            _attach_in_background(args.connect, args.socket, export.name)
         if ready_fd >= 0:
             os.write(ready_fd, b"1")
             os.close(ready_fd)

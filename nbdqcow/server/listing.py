@@ -61,6 +61,8 @@ def list_exports(sock: socket.socket) -> list[ListedExport]:
         raise RemoteProtocolError("not a newstyle NBD server")
     sock.sendall(wire.CLIENT_FLAGS.pack(int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
                                         & hflags))
+    # as qemu-nbd -L: structured replies first, so the listed flags include DF
+    _option(sock, Opt.STRUCTURED_REPLY)
     exports: list[ListedExport] = []
     for rtype, payload in _option(sock, Opt.LIST):
         if rtype == Rep.SERVER:

@@ -1,0 +1,94 @@
+"""qemu-nbd's command line where scripts read it: usage errors (one line, exit 1), -v
+printing nothing per connection, -l snapshot.name=, --selinux-label, -c/-d without the
+kernel module, and -L listing the same flags -- each compared with qemu-nbd itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tooling import repo_env, require_tool
+
+
+def _nbdqcow_nbd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from nbdqcow.cli import qemu_nbd_main; sys.exit(qemu_nbd_main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                          text=True, env=repo_env(), timeout=timeout)
+
+
+def _qemu_nbd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_tool("qemu-nbd"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    img = tmp_path / "a.qcow2"
+    subprocess.run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(img), "64M"],
+                   check=True)
+    subprocess.run(["qemu-img", "snapshot", "-c", "sn1", str(img)], check=True)
+    return img
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--bogus"], "unrecognized option '--bogus'"),
+    (["-x"], "option requires an argument -- 'x'"),
+    (["--selinux-label=x"], "--selinux-label is not permitted without --socket"),
+    (["-c", "/dev/nbd-absent"], "/dev/nbd-absent"),
+    (["-d", "/dev/nbd-absent"], "/dev/nbd-absent"),
+])
+def test_usage_errors_one_line_exit_1_like_qemu_nbd(image: Path, argv: list[str],
+                                                    needle: str) -> None:
+    pre = [] if argv[0] == "-d" else [str(image)]  # -d DEV takes no image
+    ours = _nbdqcow_nbd(*pre, *argv)
+    theirs = _qemu_nbd(*pre, *argv)
+    assert theirs.returncode == 1 and needle in theirs.stderr
+    assert ours.returncode == 1, ours.stderr
+    lines = ours.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], ours.stderr
+    assert "usage:" not in ours.stderr and "Traceback" not in ours.stderr
+
+
+def test_verbose_prints_nothing_per_connection(image: Path, tmp_path: Path,
+                                               nbdqcow_server, qemu_nbd_server) -> None:
+    qemu_io = require_tool("qemu-io")
+    nbdinfo = require_tool("nbdinfo")
+    for factory in (nbdqcow_server, qemu_nbd_server):
+        srv = factory(image, "-v", "-t", "-r")
+        subprocess.run([nbdinfo, "--list", srv.uri], check=True, capture_output=True)
+        subprocess.run([qemu_io, "-r", "-f", "raw", "-c", "read 0 512", srv.uri], check=True,
+                       capture_output=True)
+        assert srv.stop() == 0
+        assert srv.log.read_text().strip() == "", srv.log.read_text()
+
+
+def test_log_connections_is_nbdqcows_own(image: Path, nbdqcow_server) -> None:
+    srv = nbdqcow_server(image, "--log-connections", "-t", "-r")
+    subprocess.run([require_tool("nbdinfo"), srv.uri], check=True, capture_output=True)
+    srv.stop()
+    assert "connected" in srv.log.read_text()
+
+
+@pytest.mark.parametrize("spec", ["sn1", "1", "snapshot.name=sn1", "snapshot.id=1"])
+def test_load_snapshot_forms(image: Path, spec: str, nbdqcow_server) -> None:
+    srv = nbdqcow_server(image, "-l", spec)
+    r = subprocess.run([require_tool("nbdinfo"), "--json", srv.uri], capture_output=True,
+                       text=True, check=True)
+    assert '"is_read_only": true' in r.stdout
+
+
+def test_list_flags_match_qemu_nbd(image: Path, nbdqcow_server, qemu_nbd_server) -> None:
+    outs = []
+    for factory in (qemu_nbd_server, nbdqcow_server):
+        srv = factory(image, "-t", "-r", "-x", "e1")
+        assert srv.socket is not None
+        if factory is qemu_nbd_server:
+            r = _qemu_nbd("-L", "-k", str(srv.socket))
+        else:
+            r = _nbdqcow_nbd("-L", "-k", str(srv.socket))
+        assert r.returncode == 0, r.stderr
+        outs.append([ln for ln in r.stdout.splitlines() if "flags:" in ln])
+        srv.stop()
+    assert outs[0] == outs[1]
