@@ -86,6 +86,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.loop.call_later(HANDSHAKE_LIMIT, self._handshake_deadline)
         log.info("client %s connected", self.peer)
 
+    @property
+    def in_transmission(self) -> bool:
+        """The client finished the handshake (GO / EXPORT_NAME): a real client."""
+        return self.decoder is not None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.backlog.clear()  # nobody will read the replies: do not start more work

@@ -105,7 +105,7 @@ def socket_activation_requested() -> bool:
 
 # --- the server -----------------------------------------------------------------------------
 class NbdServer:
-    """Exports, client admission (``-e``) and the exit-after-last-client rule (``-t``)."""
+    """Exports, client admission (``-e``) and the one-shot rule (no ``-t``)."""
 
     def __init__(
         self, exports: Sequence[Export], shared: int = 1, persistent: bool = False
@@ -150,7 +150,10 @@ class NbdServer:
             if not nxt.closed:
                 self.active.add(nxt)
                 nxt.start()
-        if not self.persistent and not self.active and not self.waiting:
+        # one-shot serving (no -t), as qemu-nbd: the server ends when a client that
+        # reached transmission leaves and no other connection is open then; probes,
+        # LIST/INFO-only connections and failed handshakes never end it
+        if not self.persistent and proto.in_transmission and not self.active:
             self.stop()
 
     def negotiated(self, proto: NbdProtocol) -> None:
