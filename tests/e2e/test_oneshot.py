@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tooling import ServerFactory, Served, repo_env, require_tool
+from tooling import Served, ServerFactory, repo_env, require_tool
 
 MiB = 1 << 20
 
