@@ -1,8 +1,9 @@
 # The two commands a newcomer needs:
-#   make serve [IMAGE=path] [PORT=10809]   install what is needed and serve an image
+#   make serve [IMAGE=path [SIZE=10G]] [PORT=10809]   install what is needed and serve an image
 #   make test                              install what is needed and run the whole suite
 PY := .venv/bin/python
 IMAGE ?=
+SIZE ?=
 PORT ?= 10809
 JOBS ?= 2
 
@@ -24,7 +25,7 @@ unit: setup
 	$(PY) -m pytest -q -x tests/unit
 
 serve: setup
-	@bash scripts/serve.sh "$(IMAGE)" "$(PORT)"
+	@SIZE="$(SIZE)" exec bash scripts/serve.sh "$(IMAGE)" "$(PORT)"
 
 bench: setup
 	$(PY) bench/run.py

@@ -84,6 +84,7 @@ async def measure(server: Server, size: int, seconds: float) -> dict[str, int | 
 
 
 def update_results(path: Path, section: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     pattern = re.compile(r"\n## Memory\n.*?(?=\n## |\Z)", re.S)
     if pattern.search(text):
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512, help="image size in MiB (512)")
     p.add_argument("--servers", default="qemu-nbd,nbdqcow", help="comma-separated list")
     p.add_argument(
-        "--results", type=str, default=str(REPO / "bench" / "RESULTS.md"), help="'' for none"
+        "--results", type=str, default=str(REPO / "bench" / "out" / "RESULTS.md"),
+        help="default bench/out/RESULTS.md (untracked); bench/RESULTS.md updates the committed "
+        "figures; '' for none"
     )
     args = p.parse_args(argv)
     kinds = [k for k in args.servers.split(",") if k]

@@ -280,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--results",
         type=str,
-        default=str(REPO / "bench" / "RESULTS.md"),
-        help="markdown output ('' for none)",
+        default=str(REPO / "bench" / "out" / "RESULTS.md"),
+        help="markdown output (default bench/out/RESULTS.md, untracked; pass "
+        "bench/RESULTS.md to update the committed figures; '' for none)",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(text)
         if args.results:
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
             write_results(Path(args.results), text, args, labels, (load_before, load_average()))
             print(f"\nbench: wrote {args.results}")
     finally:

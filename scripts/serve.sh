@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Serve an image over NBD:  scripts/serve.sh [IMAGE] [PORT]   (what `make serve` runs)
+# SIZE=10G creates IMAGE (qcow2) when it does not exist.
 # Installs what is needed, creates ./demo/demo.qcow2 (1 GiB) when IMAGE is empty,
 # and serves it with `nbdqcow serve -t` on 127.0.0.1:PORT until Ctrl-C.
 set -euo pipefail
@@ -18,7 +19,15 @@ if [ -z "$IMAGE" ]; then
     echo "serve: created demo image $IMAGE (1 GiB qcow2)"
   fi
 fi
-[ -e "$IMAGE" ] || { echo "serve: no such image: $IMAGE" >&2; exit 1; }
+if [ ! -e "$IMAGE" ]; then
+  if [ -z "${SIZE:-}" ]; then
+    echo "serve: no such image: $IMAGE (to create it: make serve IMAGE=$IMAGE SIZE=10G)" >&2
+    exit 1
+  fi
+  mkdir -p "$(dirname "$IMAGE")"
+  .venv/bin/nbdqcow create -q -f qcow2 "$IMAGE" "$SIZE"
+  echo "serve: created $IMAGE ($SIZE qcow2)"
+fi
 URI="nbd://$BIND:$PORT"
 cat <<MSG
 serve: serving $IMAGE at $URI  (Ctrl-C to stop)
