@@ -51,6 +51,10 @@ class HostFile:
         self.direct = direct
         self.fd = os.open(path, flags)
         self._size_lock = threading.Lock()
+        # set by a failed fdatasync: the kernel may have dropped the dirty pages it could
+        # not write, so a later fdatasync that succeeds proves nothing; every later sync
+        # fails (as qemu's file driver does) instead of claiming durability
+        self.sync_error: OSError | None = None
 
     # --- reads and writes ------------------------------------------------------------
     def pread(self, length: int, offset: int) -> bytes:
@@ -85,7 +89,15 @@ class HostFile:
             n += os.pwrite(self.fd, mv[n:], offset + n)
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        if self.sync_error is not None:
+            raise OSError(errno.EIO, f"{self.path}: an earlier sync failed "
+                          f"({self.sync_error.strerror}); data may be lost")
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            if not self.direct:
+                self.sync_error = e
+            raise
 
     # --- size and space --------------------------------------------------------------
     def size(self) -> int:
@@ -108,6 +120,20 @@ class HostFile:
         """Reserve host blocks (may extend the file)."""
         if length > 0:
             os.posix_fallocate(self.fd, offset, length)
+
+    def reserve(self, offset: int, length: int) -> bool:
+        """Claim host blocks for a range without changing the file size (blocks past the
+        end are kept for when the file grows), so that writing there later cannot fail
+        for lack of space.  Raises OSError(ENOSPC) when the file system is full; False
+        when the file system cannot reserve (no fallocate): writes then claim space as
+        they happen."""
+        try:
+            self._fallocate(_FALLOC_FL_KEEP_SIZE, offset, length)
+            return True
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return False
+            raise
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a range (reads as zeros afterwards). False if unsupported."""

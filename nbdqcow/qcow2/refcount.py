@@ -16,6 +16,7 @@ from nbdqcow.errors import CorruptImage, NoSpace
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.cache import TableCache
 from nbdqcow.qcow2.geometry import Geometry
+from nbdqcow.qcow2.space import HostSpace
 from nbdqcow.qcow2.tables import load_refblock, load_u64, new_refblock, store_refblock, store_u64
 
 
@@ -29,8 +30,11 @@ class Refcounts:
         cache_tables: int,
         meta: set[int],
         on_table_moved: Callable[[int, int], None],
+        space: HostSpace | None = None,
     ) -> None:
         self.file = file
+        # every cluster handed out is claimed in the host file first (see space.py)
+        self.space = space if space is not None else HostSpace(file, geo.cluster_bits)
         self.geo = geo
         self.table_offset = table_offset
         self.table_clusters = table_clusters
@@ -129,6 +133,7 @@ class Refcounts:
                 self._ensure_block(c)  # may itself take a free cluster: check again
             if all(self.get(c) == 0 and c not in self.meta for c in range(start, start + n)):
                 break
+        self.space.claim(start, n)  # NoSpace here changes nothing
         for c in range(start, start + n):
             self.update(c, +1)
         if n == 1 and self.free_hint <= start:
@@ -150,6 +155,7 @@ class Refcounts:
             if rti_c >= len(self.table):
                 self._grow_table(rti_c + 1)
                 continue
+            self.space.claim(c)
             blk = new_refblock(self.geo.refcount_block_entries, self.geo.refcount_bits)
             if not self._block_offset(rti_c):
                 # the new block describes itself
@@ -191,6 +197,7 @@ class Refcounts:
             if not missing or missing[-1] < new_entries:
                 break
             new_entries = missing[-1] + 1
+        self.space.claim(start, nt + len(missing))
         table = array("Q", bytes(nt * cs))
         table[: len(self.table)] = self.table
         new_blocks: dict[int, array[int]] = {}
