@@ -3,7 +3,7 @@
 # tools the tests compare against, and a venv (.venv) with the package + dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PKGS="qemu-utils libnbd-bin python3-libnbd nbd-client nbdkit fio e2fsprogs fuse3 python3-venv python3-pip"
+APT_PKGS="qemu-utils libnbd-bin python3-libnbd nbd-client nbdkit fio e2fsprogs fuse3 python3-venv python3-pip python3-numpy"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -17,7 +17,7 @@ fi
 # Debian's interpreter: PGO build, and it sees python3-libnbd through system site-packages.
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbdqcow, pytest, hypothesis, uvloop, construct, zstandard' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbdqcow, pytest, hypothesis, uvloop, construct, zstandard, numpy' 2>/dev/null; then
   echo "setup: creating .venv"
   $PY -m venv --system-site-packages .venv
   .venv/bin/pip install -q --upgrade pip

@@ -32,6 +32,7 @@ from nbdqcow.qcow2.header import encode_header, parse_header
 from nbdqcow.qcow2.mapping import Run, iter_runs
 from nbdqcow.qcow2.policy import DEFAULT_POLICY, Policy
 from nbdqcow.qcow2.refcount import Refcounts
+from nbdqcow.qcow2.scancache import ScanCache
 from nbdqcow.qcow2.tables import load_u64, store_u64
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ class Qcow2Core:
         cache_size = DEFAULT_CACHE_SIZE if cache_size is None else cache_size
         tables = max(4, cache_size // cs)
         self.l2_cache = TableCache(tables, self._load_l2, self._store_l2, self._before_l2_store)
+        self._scans = ScanCache(self.geo, h.has_data_file)
         self._refcounts: Refcounts | None = None
         self._refcount_cache_tables = max(4, tables // 4)
         # data file
@@ -368,5 +370,5 @@ class Qcow2Core:
     # ------------------------------------------------------------------ mapping
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         return iter_runs(self.geo, self._l2_for_read, offset, length,
-                         self.header.has_data_file, self.mark_corrupt)
+                         self.header.has_data_file, self.mark_corrupt, self._scans)
 

@@ -22,7 +22,8 @@ from nbdqcow.qcow2.entries import HAS_HOST, SC, bitmap_valid, sc_type, std_type
 from nbdqcow.qcow2.geometry import Geometry
 
 if TYPE_CHECKING:
-    from nbdqcow.qcow2.scan import ScanCache, TableRuns
+    from nbdqcow.qcow2.scan import TableRuns
+    from nbdqcow.qcow2.scancache import ScanCache
 
 Run = tuple[int, int, SC, int]
 #: ranges of at least this many clusters of one table are scanned in bulk (nbdqcow.qcow2.scan)

@@ -17,9 +17,7 @@ on the first request that covers a large range (start-up stays fast).
 
 from __future__ import annotations
 
-import weakref
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +36,6 @@ _ZERO = np.uint64(L.QCOW_OFLAG_ZERO)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 _STATES = tuple(SC)
-_HOST_STATES = (int(SC.ZERO_ALLOC), int(SC.NORMAL), int(SC.UNALLOCATED_ALLOC))
 
 
 @dataclass
@@ -68,10 +65,20 @@ def allocated_mask(e: U64, has_data_file: bool) -> npt.NDArray[np.bool_]:
     return alloc
 
 
-def _runs(pos: U64, lens: U64, state: npt.NDArray[np.int8], hval: U64,
-          span: int) -> TableRuns:
-    """Merge consecutive pieces (contiguous by construction) into maximal runs."""
-    has_host = np.isin(state, _HOST_STATES)
+Pieces = tuple[U64, U64, npt.NDArray[np.int8], U64]  # pos, length, state, host value
+
+
+def _has_host(state: npt.NDArray[np.int8]) -> npt.NDArray[np.bool_]:
+    out: npt.NDArray[np.bool_] = (
+        (state == int(SC.NORMAL)) | (state == int(SC.ZERO_ALLOC))
+        | (state == int(SC.UNALLOCATED_ALLOC)))
+    return out
+
+
+def _runs(pieces: Pieces, span: int) -> TableRuns:
+    """Merge consecutive pieces (ordered, contiguous) into maximal runs."""
+    pos, lens, state, hval = pieces
+    has_host = _has_host(state)
     same = state[1:] == state[:-1]
     same &= state[1:] != int(SC.COMPRESSED)
     same &= ~has_host[1:] | (hval[1:] == hval[:-1] + lens[:-1])
@@ -86,16 +93,63 @@ def _runs(pos: U64, lens: U64, state: npt.NDArray[np.int8], hval: U64,
     )
 
 
+def _with_gaps(pieces: Pieces, idx: npt.NDArray[np.intp], n: int, cs: int) -> Pieces:
+    """Add the unallocated stretches between the clusters ``idx`` (sorted) that
+    ``pieces`` describe: the entries of the table left out because they are zero."""
+    gap_start = np.concatenate(([0], idx + 1))
+    gap_len = np.concatenate((idx, [n])) - gap_start
+    keep = gap_len > 0
+    if not keep.any():
+        return pieces
+    gpos = gap_start[keep].astype(np.uint64) * np.uint64(cs)
+    glen = gap_len[keep].astype(np.uint64) * np.uint64(cs)
+    zeros = np.zeros(len(gpos), dtype=np.uint64)
+    pos = np.concatenate((pieces[0], gpos))
+    order = np.argsort(pos, kind="stable")
+    return (pos[order], np.concatenate((pieces[1], glen))[order],
+            np.concatenate((pieces[2], zeros.astype(np.int8)))[order],
+            np.concatenate((pieces[3], zeros))[order])
+
+
 def scan_l2(table: array[int] | bytes | U64, geo: Geometry, has_data_file: bool) -> TableRuns:
-    """The run decomposition of one L2 table (standard or extended)."""
+    """The run decomposition of one L2 table (standard or extended).  Only the clusters
+    whose entry is not zero are classified: a sparse table costs what its data costs."""
     w = words_of(table)
     cs = geo.cluster_size
-    span = geo.l2_size * cs
-    if not w.any():
-        return TableRuns([0], [span], [SC.UNALLOCATED_PLAIN], [0])
+    n = geo.l2_size
+    span = n * cs
     if geo.extended_l2:
-        return _scan_extended(w, geo, has_data_file)
-    e = w[: geo.l2_size]
+        e = w[0 : 2 * n : 2]
+        bm = w[1 : 2 * n : 2]
+        idx = np.flatnonzero(e | bm)
+    else:
+        e = w[:n]
+        bm = None
+        idx = np.flatnonzero(e)
+    if not len(idx):
+        return TableRuns([0], [span], [SC.UNALLOCATED_PLAIN], [0])
+    dense = len(idx) == n
+    ent = e if dense else e[idx]
+    if bm is None:
+        pieces, bad = _std_pieces(ent, idx, cs, has_data_file)
+        invalid = [(i * cs, (i + 1) * cs, f"L2 entry {x:#x} has an unaligned host offset")
+                   for i, x in zip(idx[bad].tolist(), ent[bad].tolist(), strict=True)]
+    else:
+        bms = bm if dense else bm[idx]
+        pieces, bad = _ext_pieces(ent, bms, idx, geo, has_data_file)
+        invalid = []
+        for i, x, b in zip(idx[bad].tolist(), ent[bad].tolist(), bms[bad].tolist(), strict=True):
+            invalid.extend(_ext_invalid(x, b, i, geo, has_data_file))
+    if not dense:
+        pieces = _with_gaps(pieces, idx, n, cs)
+    out = _runs(pieces, span)
+    out.invalid = invalid
+    return out
+
+
+def _std_pieces(e: U64, idx: npt.NDArray[np.intp], cs: int,
+                has_data_file: bool) -> tuple[Pieces, npt.NDArray[np.bool_]]:
+    """One piece per standard entry; and which entries have an unaligned host offset."""
     host = e & _OFF
     comp = (e & _COMP) != 0
     alloc = allocated_mask(e, has_data_file)
@@ -105,27 +159,23 @@ def scan_l2(table: array[int] | bytes | U64, geo: Geometry, has_data_file: bool)
     state = np.where(comp, int(SC.COMPRESSED), state).astype(np.int8)
     has_host = ~comp & alloc
     hval = np.where(has_host, host, np.where(comp, e, np.uint64(0)))
-    idx = np.arange(len(e), dtype=np.uint64)
-    out = _runs(idx * np.uint64(cs), np.full(len(e), cs, dtype=np.uint64), state, hval, span)
-    bad = np.flatnonzero(has_host & ((host & np.uint64(cs - 1)) != 0))
-    out.invalid = [(i * cs, (i + 1) * cs, f"L2 entry {ent:#x} has an unaligned host offset")
-                   for i, ent in zip(bad.tolist(), e[bad].tolist(), strict=True)]
-    return out
+    pos = idx.astype(np.uint64) * np.uint64(cs)
+    bad = has_host & ((host & np.uint64(cs - 1)) != 0)
+    return (pos, np.full(len(e), cs, dtype=np.uint64), state, hval), bad
 
 
-def _scan_extended(w: U64, geo: Geometry, has_data_file: bool) -> TableRuns:
+def _ext_pieces(e: U64, bm: U64, idx: npt.NDArray[np.intp], geo: Geometry,
+                has_data_file: bool) -> tuple[Pieces, npt.NDArray[np.bool_]]:
+    """Pieces of extended entries: one per cluster whose subclusters are all in one
+    state (the usual case), one per subcluster otherwise; and which entries are
+    broken (see :func:`_ext_invalid`)."""
     cs = geo.cluster_size
     scs = geo.subcluster_size
-    n = geo.l2_size
-    span = n * cs
-    e = w[0 : 2 * n : 2]
-    bm = w[1 : 2 * n : 2]
     host = e & _OFF
     comp = (e & _COMP) != 0
     alloc = allocated_mask(e, has_data_file)
     abits = bm & _LOW32
     zbits = bm >> _S32
-    # whole clusters of one state (the usual case) stay one piece each
     none = (abits == 0) & (zbits == 0)
     all_data = (abits == _LOW32) & (zbits == 0)
     all_zero = (abits == 0) & (zbits == _LOW32)
@@ -134,9 +184,8 @@ def _scan_extended(w: U64, geo: Geometry, has_data_file: bool) -> TableRuns:
                       np.where(all_zero, np.where(alloc, int(SC.ZERO_ALLOC), int(SC.ZERO_PLAIN)),
                                np.where(alloc, int(SC.NORMAL), int(SC.INVALID))))
     cstate = np.where(comp, int(SC.COMPRESSED), cstate)
-    spc = geo.subclusters_per_cluster
-    rep = np.where(mixed, spc, 1)
-    cl = np.repeat(np.arange(n), rep)
+    rep = np.where(mixed, geo.subclusters_per_cluster, 1)
+    cl = np.repeat(np.arange(len(e)), rep)
     first_piece = np.cumsum(rep) - rep
     k = (np.arange(len(cl)) - np.repeat(first_piece, rep)).astype(np.uint64)
     pm = mixed[cl]
@@ -150,16 +199,12 @@ def _scan_extended(w: U64, geo: Geometry, has_data_file: bool) -> TableRuns:
                                         int(SC.UNALLOCATED_PLAIN))))
     state = np.where(pm, sstate, cstate[cl]).astype(np.int8)
     lens = np.where(pm, np.uint64(scs), np.uint64(cs)).astype(np.uint64)
-    pos = cl.astype(np.uint64) * np.uint64(cs) + k * np.uint64(scs)
-    has_host = np.isin(state, _HOST_STATES)
-    hval = np.where(has_host, host[cl] + k * np.uint64(scs),
+    pos = idx[cl].astype(np.uint64) * np.uint64(cs) + k * np.uint64(scs)
+    hval = np.where(_has_host(state), host[cl] + k * np.uint64(scs),
                     np.where(state == int(SC.COMPRESSED), e[cl], np.uint64(0)))
-    out = _runs(pos, lens, state, hval, span)
     bad = (comp & (bm != 0)) | (~comp & (((abits & zbits) != 0) | ((abits != 0) & ~alloc)
                                         | ((host & np.uint64(cs - 1)) != 0)))
-    for i in np.flatnonzero(bad).tolist():
-        out.invalid.extend(_ext_invalid(int(e[i]), int(bm[i]), i, geo, has_data_file))
-    return out
+    return (pos, lens, state, hval), bad
 
 
 def _ext_invalid(e: int, bm: int, i: int, geo: Geometry,
@@ -180,32 +225,3 @@ def _ext_invalid(e: int, bm: int, i: int, geo: Geometry,
             out.append((lo + sc * scs, lo + (sc + 1) * scs,
                         f"invalid subcluster state in L2 entry {e:#x}"))
     return out
-
-
-class ScanCache:
-    """Run decompositions of recently scanned tables, LRU, at most ``capacity``.
-
-    An entry is used only for the very table object it was made from, and only while
-    that table still holds the bytes it was scanned with (a copy is kept and compared:
-    a few microseconds), so tables changed in place are rescanned."""
-
-    def __init__(self, geo: Geometry, has_data_file: bool, capacity: int = 64) -> None:
-        self.geo = geo
-        self.has_data_file = has_data_file
-        self.capacity = capacity
-        self._entries: OrderedDict[int, tuple[weakref.ref[array[int]], bytes, TableRuns]] = (
-            OrderedDict())
-
-    def runs(self, table: array[int]) -> TableRuns:
-        key = id(table)
-        hit = self._entries.get(key)
-        raw = table.tobytes()
-        if hit is not None and hit[0]() is table and hit[1] == raw:
-            self._entries.move_to_end(key)
-            return hit[2]
-        tr = scan_l2(table, self.geo, self.has_data_file)
-        self._entries[key] = (weakref.ref(table), raw, tr)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-        return tr
