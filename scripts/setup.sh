@@ -17,9 +17,17 @@ fi
 # Debian's interpreter: PGO build, and it sees python3-libnbd through system site-packages.
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbdqcow, pytest, hypothesis, uvloop, construct, zstandard, numpy' 2>/dev/null; then
-  echo "setup: creating .venv"
-  $PY -m venv --system-site-packages .venv
+# (re)install when the venv is missing or pyproject.toml changed since the last install
+STAMP=.venv/.nbdqcow-pyproject.sha256
+WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] \
+   || ! .venv/bin/python -c 'import nbdqcow, pytest' 2>/dev/null; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    $PY -m venv --system-site-packages .venv
+  fi
+  echo "setup: installing nbdqcow and its dependencies into .venv"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
+  echo "$WANT" > "$STAMP"
 fi

@@ -10,13 +10,17 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from nbdqcow import __version__
 from nbdqcow.block.driver import BlockDriver, DirtyBitmapSource
 from nbdqcow.block.open import open_image, probe_format
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.server.exports import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, Export
+
+if TYPE_CHECKING:
+    from nbdqcow.server.serve import NbdServer
 
 DEFAULT_PORT = 10809
 DEFAULT_BIND = "0.0.0.0"
@@ -88,6 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mapping", choices=("preserve", "release"), default=None,
       help="qcow2 mapping policy for discard and zero writes")
     a("--cache-size", type=_size, default=None, help="qcow2 metadata cache size")
+    a("--export", action="append", default=[], metavar="NAME=FILE[,KEY=VALUE...]",
+      help="serve FILE as export NAME (repeatable; KEY: the long name of a per-export "
+           "option, e.g. read-only=on,description=TEXT,format=qcow2) (nbdqcow only)")
+    a("--config", metavar="FILE", help="exports and server options from a TOML file; "
+      "SIGHUP re-reads it (nbdqcow only)")
+    a("--control", metavar="PATH", help="control socket for `nbdqcow ctl` (nbdqcow only)")
+    a("--metrics", metavar="ADDR:PORT",
+      help="serve OpenMetrics statistics at http://ADDR:PORT/metrics (nbdqcow only)")
     parser.set_defaults(func=run_serve)
 
 
@@ -169,14 +181,28 @@ def run_serve(args: argparse.Namespace) -> int:
         return run_list(args)
     if args.selinux_label is not None:
         _check_selinux(args)
-    if args.load_snapshot:
-        args.load_snapshot = snapshot_spec(args.load_snapshot)
     if args.connect:
         from nbdqcow.cli.kernel_nbd import check_device
 
         check_device(args.connect)
+    if args.export or args.config:
+        from nbdqcow.cli.exports_config import run_multi
+
+        return run_multi(args)
     if not args.filename:
         raise NbdqcowError("an image file is required (see --help)")
+    with contextlib.ExitStack() as stack:
+        export = open_export(args, stack)
+        listeners = _listeners(args)
+        return _serve(args, [export], listeners)
+    return 0  # pragma: no cover - the with block always returns
+
+
+def open_export(args: argparse.Namespace, stack: contextlib.ExitStack) -> Export:
+    """Open the image of one export as the per-export options in ``args`` say; the
+    driver is closed (and a -s overlay removed) when ``stack`` closes."""
+    if args.load_snapshot:
+        args.load_snapshot = snapshot_spec(args.load_snapshot)
     if args.detect_zeroes == "unmap" and args.discard not in ("unmap", "on"):
         raise NbdqcowError("--detect-zeroes=unmap needs --discard=unmap")
     args.discard = {"off": "ignore", "on": "unmap"}.get(args.discard, args.discard)
@@ -186,31 +212,28 @@ def run_serve(args: argparse.Namespace) -> int:
         raise NbdqcowError("-B/--bitmap needs a read-only export (-r): nbdqcow does not "
                            "maintain dirty bitmaps on writes")
     fmt = args.format or probe_format(args.filename)
-    with contextlib.ExitStack() as stack:
-        path = args.filename
-        if args.snapshot:
-            path = stack.enter_context(temporary_overlay(path, fmt))
-            fmt = "qcow2"
-        driver = open_image(
-            path, fmt, writable=not readonly, offset=args.offset, snapshot=args.load_snapshot,
-            cache_size=args.cache_size, mapping=args.mapping,
-        )
-        stack.callback(driver.close)
-        export = Export(
-            name=args.export_name,
-            driver=driver,
-            description=args.description,
-            readonly=readonly,
-            allocation_depth=args.allocation_depth,
-            discard=args.discard,
-            detect_zeroes=args.detect_zeroes,
-            cache=args.cache,
-            multi_conn=args.shared != 1,
-            bitmaps=_bitmaps(driver, args.bitmap),
-        )
-        listeners = _listeners(args)
-        return _serve(args, export, listeners)
-    return 0  # pragma: no cover - the with block always returns
+    path = args.filename
+    if args.snapshot:
+        path = stack.enter_context(temporary_overlay(path, fmt))
+        fmt = "qcow2"
+    driver = open_image(
+        path, fmt, writable=not readonly, offset=args.offset, snapshot=args.load_snapshot,
+        cache_size=args.cache_size, mapping=args.mapping,
+    )
+    stack.callback(driver.close)
+    return Export(
+        name=args.export_name,
+        driver=driver,
+        description=args.description,
+        readonly=readonly,
+        allocation_depth=args.allocation_depth,
+        discard=args.discard,
+        detect_zeroes=args.detect_zeroes,
+        cache=args.cache,
+        multi_conn=args.shared != 1,
+        bitmaps=_bitmaps(driver, args.bitmap),
+        source=args.filename,
+    )
 
 
 def snapshot_spec(text: str) -> str:
@@ -264,7 +287,10 @@ def _attach_in_background(dev: str, socket_path: str, name: str) -> None:
     threading.Thread(target=work, daemon=True).start()
 
 
-def _serve(args: argparse.Namespace, export: Export, listeners: list[socket.socket]) -> int:
+def _serve(args: argparse.Namespace, exports: list[Export], listeners: list[socket.socket],
+           setup: Callable[[NbdServer], None] | None = None) -> int:
+    """Serve ``exports``; ``setup`` configures the server before it starts (several
+    exports: default export, control socket, metrics, SIGHUP)."""
     from nbdqcow.server.serve import NbdServer, run
 
     ready_fd = -1
@@ -284,7 +310,7 @@ def _serve(args: argparse.Namespace, export: Export, listeners: list[socket.sock
 
     def ready() -> None:
         if args.connect:
-            _attach_in_background(args.connect, args.socket, export.name)
+            _attach_in_background(args.connect, args.socket, exports[0].name)
         if ready_fd >= 0:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
@@ -293,7 +319,9 @@ def _serve(args: argparse.Namespace, export: Export, listeners: list[socket.sock
                 os.dup2(devnull, fd)
             os.close(devnull)
 
-    server = NbdServer([export], shared=args.shared, persistent=args.persistent)
+    server = NbdServer(exports, shared=args.shared, persistent=args.persistent)
+    if setup is not None:
+        setup(server)
     try:
         run(server, listeners, ready)
     finally:

@@ -77,8 +77,10 @@ class ServerHandshake:
         exports: Sequence[ExportInfo] | Callable[[], Sequence[ExportInfo]],
         *,
         allow_extended: bool = True,
+        lookup: Callable[[str], ExportInfo | None] | None = None,
     ) -> None:
         self._exports = exports
+        self._lookup = lookup
         self.allow_extended = allow_extended
         self._buf = bytearray()
         self._state = "flags"
@@ -115,7 +117,10 @@ class ServerHandshake:
         return ex() if callable(ex) else ex
 
     def lookup(self, name: str) -> ExportInfo | None:
-        """The export called ``name``; the empty name selects the default (first) export."""
+        """The export called ``name``; the empty name selects the default (first) export,
+        unless the server decides (``lookup``: several exports, a configured default)."""
+        if self._lookup is not None:
+            return self._lookup(name)
         exports = self.exports()
         for e in exports:
             if e.name == name:

@@ -42,6 +42,7 @@ from nbdqcow.nbd.handshake import Negotiated
 from nbdqcow.nbd.transmission import ReplyEncoder, Request
 from nbdqcow.server.exports import Export
 from nbdqcow.server.flow import FlowControl
+from nbdqcow.server.stats import LATENCY_CLASS, N_CMDS, now_ns
 from nbdqcow.server.workers import WORKERS, WRITER
 
 log = logging.getLogger("nbdqcow.server")
@@ -190,6 +191,10 @@ class Dispatcher:
         send_file: Callable[[bytes, int, int, int], bool] | None = None,
     ) -> None:
         self.export = export
+        self.stats = export.stats
+        export.stats.connections_total += 1
+        self._timing: tuple[int, int] | None = None  # (latency class, start) of the request
+        self._started: dict[asyncio.Future[None], tuple[int, int]] = {}  # deferred ones
         self.driver = export.driver
         self.caps = export.driver.caps
         self.size = export.driver.size
@@ -239,21 +244,43 @@ class Dispatcher:
 
     # --- entry --------------------------------------------------------------------------
     def handle(self, req: Request) -> None:
-        handler = self._table.get(req.cmd)
+        cmd = req.cmd
+        handler = self._table.get(cmd)
+        st = self.stats
         if handler is None:
-            self._fail(req, NBD_EINVAL, f"unknown command {req.cmd}")
-        elif req.flags & ~self._allowed[req.cmd]:
-            self._fail(req, NBD_EINVAL, f"invalid flags {req.flags:#x} for command {req.cmd}")
-        else:
+            st.requests[N_CMDS - 1] += 1
+            self._fail(req, NBD_EINVAL, f"unknown command {cmd}")
+            return
+        st.requests[cmd] += 1
+        st.bytes[cmd] += req.length
+        if req.flags & ~self._allowed[cmd]:
+            self._fail(req, NBD_EINVAL, f"invalid flags {req.flags:#x} for command {cmd}")
+            return
+        cls = LATENCY_CLASS[cmd]
+        if cls < 0:
             handler(req)
+            return
+        # latency: measured here when answered inline, else when it completes (_complete)
+        t0 = now_ns()
+        pending = self.pending
+        self._timing = (cls, t0)
+        try:
+            handler(req)
+        finally:
+            self._timing = None
+        if self.pending == pending:
+            st.observe(cls, now_ns() - t0)
 
     def _fail(self, req: Request, code: int, msg: str) -> None:
+        self.stats.error(code)
         self.send([self.enc.error(req.cookie, code, msg, req.offset)])
 
     def _error_reply(self, req: Request, exc: BaseException) -> Reply:
         if not isinstance(exc, NbdqcowError | OSError):
             log.error("request %d failed", req.cmd, exc_info=exc)
-        return [self.enc.error(req.cookie, nbd_errno(exc), str(exc), req.offset)]
+        code = nbd_errno(exc)
+        self.stats.error(code)
+        return [self.enc.error(req.cookie, code, str(exc), req.offset)]
 
     def _call(self, req: Request, fn: Callable[..., Reply], *args: object) -> Reply:
         """``fn(*args)``, or the error reply for what it raised."""
@@ -289,6 +316,8 @@ class Dispatcher:
                         self.send(reply)
                     return
         fut: asyncio.Future[None] = self.loop.create_future()
+        if self._timing is not None:
+            self._started[fut] = self._timing
         tracker.add(start, end, write, fut)
         nbytes = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
         self.flow.start(nbytes)
@@ -325,6 +354,9 @@ class Dispatcher:
 
     def _complete(self, fut: asyncio.Future[None], nbytes: int, reply: Reply | None) -> None:
         self.pending -= 1
+        timing = self._started.pop(fut, None)
+        if timing is not None:
+            self.stats.observe(timing[0], now_ns() - timing[1])
         try:
             if reply is not None:
                 self.send(reply)

@@ -14,6 +14,7 @@ from nbdqcow.nbd.constants import (
     TransmissionFlag,
 )
 from nbdqcow.nbd.handshake import ExportInfo
+from nbdqcow.server.stats import ExportStats
 
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
@@ -59,7 +60,10 @@ class Export:
     multi_conn: bool = False
     #: persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts (-B)
     bitmaps: tuple[DirtyBitmapSource, ...] = ()
+    #: where the image comes from (file name or spec), for listings
+    source: str = ""
     tracker: RangeTracker = field(default_factory=RangeTracker)
+    stats: ExportStats = field(default_factory=ExportStats)
 
     @property
     def writable(self) -> bool:

@@ -81,7 +81,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         assert self.transport is not None
         self.started = True
         self.transport.resume_reading()
-        self.handshake = ServerHandshake(self.server.export_infos)
+        self.handshake = ServerHandshake(self.server.export_infos, lookup=self.server.lookup_info)
         self.transport.write(self.handshake.start())
         self.loop.call_later(HANDSHAKE_LIMIT, self._handshake_deadline)
         log.info("client %s connected", self.peer)
@@ -216,6 +216,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
             neg = hs.result
             assert neg is not None and self.flow is not None
             export = self.server.export_by_name(neg.export.name)
+            if export is None:  # removed while this client negotiated
+                self.abort(f"export {neg.export.name!r} is gone")
+                return
             self.decoder = RequestDecoder(extended=neg.extended)
             self.dispatcher = Dispatcher(export, neg, self.send, self.flow, self.loop,
                                          self.send_file)

@@ -13,7 +13,8 @@ import re
 import signal
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.nbd.handshake import ExportInfo
@@ -24,6 +25,13 @@ log = logging.getLogger("nbdqcow.server")
 
 DEFAULT_PORT = 10809
 SD_LISTEN_FDS_START = 3
+
+
+class _First:
+    """The empty export name selects the first export (qemu-nbd's one export)."""
+
+
+FIRST = _First()
 
 
 class ListenError(NbdqcowError):
@@ -108,13 +116,22 @@ class NbdServer:
     """Exports, client admission (``-e``) and the one-shot rule (no ``-t``)."""
 
     def __init__(
-        self, exports: Sequence[Export], shared: int = 1, persistent: bool = False
+        self, exports: Sequence[Export], shared: int = 1, persistent: bool = False,
+        default: str | None | _First = FIRST,
     ) -> None:
-        if not exports:
+        if not exports and default is FIRST:
             raise ValueError("no exports")
         self.exports = list(exports)
+        #: the export the empty name selects: FIRST (qemu-nbd: the one export), a name,
+        #: or None (none: several exports and no default configured)
+        self.default = default
         self.shared = shared
         self.persistent = persistent
+        self.connections_total = 0
+        self.handshakes_failed = 0
+        #: server-wide extras started with the listeners (control socket, metrics)
+        self.extras: list[Callable[[NbdServer], Awaitable[asyncio.AbstractServer]]] = []
+        self.on_hup: Callable[[], Coroutine[Any, Any, None]] | None = None
         self.active: set[NbdProtocol] = set()
         self.waiting: collections.deque[NbdProtocol] = collections.deque()
         self._done: asyncio.Event | None = None
@@ -125,14 +142,51 @@ class NbdServer:
     def export_infos(self) -> list[ExportInfo]:
         return [e.info() for e in self.exports]
 
-    def export_by_name(self, name: str) -> Export:
+    def export_by_name(self, name: str) -> Export | None:
         for e in self.exports:
             if e.name == name:
                 return e
-        return self.exports[0]
+        if name == "":
+            if self.default is FIRST:
+                return self.exports[0] if self.exports else None
+            if isinstance(self.default, str):
+                return self.export_by_name(self.default) if self.default else None
+        return None
+
+    def lookup_info(self, name: str) -> ExportInfo | None:
+        e = self.export_by_name(name)
+        return None if e is None else e.info()
+
+    def add_export(self, export: Export) -> None:
+        if any(e.name == export.name for e in self.exports):
+            raise NbdqcowError(f"export '{export.name}' exists already")
+        self.exports.append(export)
+
+    def clients_of(self, export: Export) -> list[NbdProtocol]:
+        return [p for p in self.active
+                if p.dispatcher is not None and p.dispatcher.export is export]
+
+    async def remove_export(self, name: str, force: bool = False) -> Export:
+        """Stop serving ``name``: refused while clients use it unless ``force`` (then
+        their in-flight requests finish, the image is flushed, they are disconnected).
+        The caller closes the returned export's driver."""
+        export = next((e for e in self.exports if e.name == name), None)
+        if export is None:
+            raise NbdqcowError(f"no export '{name}'")
+        clients = self.clients_of(export)
+        if clients and not force:
+            raise NbdqcowError(f"export '{name}' has {len(clients)} client(s) connected "
+                               "(use --force to disconnect them)")
+        self.exports.remove(export)
+        if clients:
+            await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
+        if export.writable and export.cache != "unsafe":
+            await asyncio.get_running_loop().run_in_executor(None, export.driver.flush)
+        return export
 
     # --- admission --------------------------------------------------------------------------
     def admit(self, proto: NbdProtocol) -> bool:
+        self.connections_total += 1
         if self.shared > 0 and len(self.active) >= self.shared:
             self.waiting.append(proto)
             return False
@@ -141,6 +195,8 @@ class NbdServer:
         return True
 
     def release(self, proto: NbdProtocol) -> None:
+        if not proto.in_transmission:
+            self.handshakes_failed += 1
         if proto in self.active:
             self.active.discard(proto)
         elif proto in self.waiting:
@@ -178,9 +234,15 @@ class NbdServer:
             else:
                 srv = await loop.create_server(lambda: NbdProtocol(self), sock=sock)
             self.servers.append(srv)
+        for extra in self.extras:
+            self.servers.append(await extra(self))
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        if self.on_hup is not None:
+            hup = self.on_hup
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(hup()))
         if ready is not None:
             ready()
         try:
