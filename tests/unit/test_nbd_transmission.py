@@ -402,6 +402,9 @@ class FakeServer:
     def export_by_name(self, name: str) -> Export:
         return self.export
 
+    def lookup_info(self, name: str) -> Any:
+        return self.export.info()
+
     def admit(self, proto: Any) -> bool:
         proto.start()
         return True
