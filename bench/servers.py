@@ -23,9 +23,15 @@ def server_argv(kind: str) -> list[str]:
         if path is None:
             raise SystemExit("bench: qemu-nbd is not installed (run scripts/setup.sh)")
         return [path]
-    if kind == "nbdqcow":
+    if kind == "nbdqcow" or kind.startswith("nbdqcow@"):
         return [sys.executable, "-m", "nbdqcow", "serve"]
-    raise SystemExit(f"bench: unknown server {kind!r} (qemu-nbd, nbdqcow)")
+    raise SystemExit(f"bench: unknown server {kind!r} (qemu-nbd, nbdqcow, nbdqcow@CHECKOUT)")
+
+
+def server_tree(kind: str) -> Path:
+    """Where the server's code comes from: ``nbdqcow@DIR`` runs the nbdqcow checkout in
+    DIR (e.g. a ``git worktree`` of an older commit), to measure one change."""
+    return Path(kind.split("@", 1)[1]).resolve() if kind.startswith("nbdqcow@") else REPO
 
 
 def nbdqcow_serve_available() -> bool:
@@ -60,8 +66,10 @@ class Server:
         argv = [*server_argv(self.kind), "-f", self.fmt, *SERVER_OPTS, *self.extra]
         argv += ["-k", str(self.sock), str(self.image)]
         self.sock.unlink(missing_ok=True)
+        tree = server_tree(self.kind)
+        env = dict(os.environ, PYTHONPATH=str(tree))
         self.proc = subprocess.Popen(
-            argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
