@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from nbdqcow.block.driver import BlockDriver, Extent
 from nbdqcow.block.ranges import check_range
+from nbdqcow.errors import ImageError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.entries import SC
 from nbdqcow.qcow2.zeroing import Qcow2Zeroer
@@ -39,21 +40,31 @@ class Qcow2Driver(Qcow2Zeroer):
     def _metadata_preallocated(self) -> bool:
         """Whether the image looks metadata-preallocated (host clusters refcounted well
         beyond what the file really allocates).  Only then does block status ask the host
-        file where a data cluster is a hole; qemu 7.2 decides the same way."""
+        file where a data cluster is a hole; qemu 7.2 decides the same way.
+
+        A heuristic must not make reads of good data fail: when the refcounts cannot be
+        read (damaged refcount table or blocks), the answer is "not preallocated", as
+        in qemu."""
         if self._meta_prealloc is None:
-            cs = self.geo.cluster_size
-            real_clusters = self.file.allocated_bytes() // cs
-            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-            nb_clusters = self.geo.size_to_clusters(self.file.size())
-            rc = self.refcounts
-            count = 0
-            for c in range(nb_clusters):
-                if rc.get(c) > 0:
-                    count += 1
-                    if count >= threshold:
-                        break
-            self._meta_prealloc = count >= threshold
+            try:
+                self._meta_prealloc = self._count_refcounted()
+            except (ImageError, OSError, OverflowError, ValueError, MemoryError):
+                self._meta_prealloc = False
         return self._meta_prealloc
+
+    def _count_refcounted(self) -> bool:
+        cs = self.geo.cluster_size
+        real_clusters = self.file.allocated_bytes() // cs
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        nb_clusters = self.geo.size_to_clusters(self.file.size())
+        rc = self.refcounts
+        count = 0
+        for c in range(nb_clusters):
+            if rc.get(c) > 0:
+                count += 1
+                if count >= threshold:
+                    break
+        return count >= threshold
 
     def _block_status(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
