@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdqcow.block.driver import DirtyRun
@@ -169,27 +170,8 @@ class DirtyBitmap:
         """Maximal dirty / clean runs covering [offset, offset+length), at most
         ``max_runs`` of them (then they cover a prefix of the range, as they do when the
         range needs more than MAX_BYTES_PER_QUERY bytes of bitmap)."""
-        end = offset + length
-        gran = self.granularity
-        if offset >= self.disk_size:  # only past a bitmap of a shorter backing image
-            return [DirtyRun(offset, length, False)]
-        out: list[DirtyRun] = []
-        first = offset // gran
-        last = min((end - 1) // gran + 1, self.nb_bits, first + 8 * MAX_BYTES_PER_QUERY)
-        base = first & ~7
-        buf = self.read_data(base >> 3, ((last + 7) >> 3) - (base >> 3))
-        bit, stop = first - base, last - base
-        while bit < stop and len(out) < max_runs:
-            dirty = bool(buf[bit >> 3] >> (bit & 7) & 1)
-            nxt = _next_change(buf, bit, dirty, stop)
-            s = max(offset, (base + bit) * gran)
-            t = min(end, (base + nxt) * gran, self.disk_size)
-            out.append(DirtyRun(s, t - s, dirty))
-            bit = nxt
-        tail = out[-1].start + out[-1].length
-        if bit >= stop and last == self.nb_bits and tail < end and len(out) < max_runs:
-            out.append(DirtyRun(tail, end - tail, False))  # past a shorter backing image
-        return out
+        return runs_of(self.read_data, self.granularity, self.disk_size, offset, length,
+                       max_runs)
 
     def check(self) -> None:
         """Every table entry is valid (read in bounded chunks): a hostile table is an
@@ -203,6 +185,33 @@ class DirtyBitmap:
                 raise ImageOpenError(f"bitmap '{self.name}': bitmap table is truncated")
             for j, e in enumerate(struct.unpack(f">{k}Q", raw)):
                 self._check_table_entry(i + j, e, file_size)
+
+
+def runs_of(read_data: Callable[[int, int], bytes], gran: int, disk_size: int, offset: int,
+            length: int, max_runs: int) -> list[DirtyRun]:
+    """Dirty / clean runs of [offset, offset+length) of a bitmap of granularity ``gran``
+    over a disk of ``disk_size`` bytes whose data ``read_data(pos, n)`` returns."""
+    end = offset + length
+    if offset >= disk_size:  # only past a bitmap of a shorter backing image
+        return [DirtyRun(offset, length, False)]
+    nb_bits = -(-disk_size // gran)
+    out: list[DirtyRun] = []
+    first = offset // gran
+    last = min((end - 1) // gran + 1, nb_bits, first + 8 * MAX_BYTES_PER_QUERY)
+    base = first & ~7
+    buf = read_data(base >> 3, ((last + 7) >> 3) - (base >> 3))
+    bit, stop = first - base, last - base
+    while bit < stop and len(out) < max_runs:
+        dirty = bool(buf[bit >> 3] >> (bit & 7) & 1)
+        nxt = _next_change(buf, bit, dirty, stop)
+        s = max(offset, (base + bit) * gran)
+        t = min(end, (base + nxt) * gran, disk_size)
+        out.append(DirtyRun(s, t - s, dirty))
+        bit = nxt
+    tail = out[-1].start + out[-1].length
+    if bit >= stop and last == nb_bits and tail < end and len(out) < max_runs:
+        out.append(DirtyRun(tail, end - tail, False))  # past a shorter backing image
+    return out
 
 
 def _next_change(buf: bytes, bit: int, dirty: bool, stop: int) -> int:
