@@ -17,7 +17,8 @@ from nbdqcow import __version__
 from nbdqcow.errors import NbdqcowError
 
 # subcommand modules, in help order
-_COMMANDS = ("serve", "create", "info", "map", "check", "snapshot", "layout", "relayout", "ctl")
+_COMMANDS = ("serve", "create", "info", "map", "check", "snapshot", "bitmap", "layout",
+             "relayout", "ctl")
 
 
 class QemuStyleParser(argparse.ArgumentParser):

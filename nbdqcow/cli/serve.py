@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("-A", "--allocation-depth", action="store_true",
       help="expose the qemu:allocation-depth metadata context")
     a("-B", "--bitmap", action="append", default=[], metavar="NAME",
-      help="expose a persistent dirty bitmap as qemu:dirty-bitmap:NAME (with -r)")
+      help="expose a persistent dirty bitmap as qemu:dirty-bitmap:NAME (kept current by writes)")
     a("--discard", choices=(*DISCARD_MODES, "off", "on"), default="ignore",
       help="honour TRIM (unmap, or on) or not (ignore, or off)")
     a("--detect-zeroes", choices=DETECT_ZEROES_MODES, default="off",
@@ -207,10 +207,6 @@ def open_export(args: argparse.Namespace, stack: contextlib.ExitStack) -> Export
         raise NbdqcowError("--detect-zeroes=unmap needs --discard=unmap")
     args.discard = {"off": "ignore", "on": "unmap"}.get(args.discard, args.discard)
     readonly = args.read_only or bool(args.load_snapshot)
-    if args.bitmap and not readonly:
-        # checked before the image is opened: a writable open clears the bitmaps' bit
-        raise NbdqcowError("-B/--bitmap needs a read-only export (-r): nbdqcow does not "
-                           "maintain dirty bitmaps on writes")
     fmt = args.format or probe_format(args.filename)
     path = args.filename
     if args.snapshot:

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nbdqcow.block.driver import DirtyRun
+from nbdqcow.block.driver import DirtyBitmapSource, DirtyRun
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.errors import CorruptImage, ImageOpenError
 from nbdqcow.qcow2 import layout as L
@@ -246,10 +246,11 @@ def open_dirty_bitmap(f: HostFile, header: Header, name: str) -> DirtyBitmap:
     return bm
 
 
-def validate_entry(e: BitmapEntry, header: Header, file_size: int) -> None:
+def validate_entry(e: BitmapEntry, header: Header, file_size: int,
+                   allow_in_use: bool = False) -> None:
     """The spec's rules for one directory entry, as far as reading it needs them."""
     what = f"Bitmap '{e.name}'"
-    if e.in_use:
+    if e.in_use and not allow_in_use:
         raise ImageOpenError(f"{what} is inconsistent and cannot be used")
     if e.flags & ~BME_FLAGS_KNOWN:
         raise ImageOpenError(f"{what} has unknown flags {e.flags:#x}")
@@ -271,13 +272,22 @@ def validate_entry(e: BitmapEntry, header: Header, file_size: int) -> None:
                              "or is not aligned")
 
 
-def find_dirty_bitmap(driver: object, name: str) -> DirtyBitmap:
+def find_dirty_bitmap(driver: object, name: str) -> DirtyBitmapSource:
     """The bitmap ``name`` of an open image, searched from the top of its backing chain
     down as qemu-nbd does; the image must stay open while the bitmap is used."""
     from nbdqcow.qcow2.driver import Qcow2Driver
 
     layer = driver
     while isinstance(layer, Qcow2Driver):
+        live = layer.live_bitmaps
+        if live is not None:  # a writable open: the bitmaps it keeps current
+            found = live.find(name)
+            if found is not None:
+                if found.inconsistent:
+                    raise ImageOpenError(f"Bitmap '{name}' is inconsistent and cannot be used")
+                return found
+            layer = layer.backing
+            continue
         h = layer.header
         stale = h.extension(L.EXT_BITMAPS) is not None and not bitmaps_consistent(h)
         if stale or any(e.name == name for e in read_directory(layer.file, h)):

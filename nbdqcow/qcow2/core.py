@@ -26,9 +26,10 @@ from nbdqcow.block.hostfile import HostFile
 from nbdqcow.errors import CorruptImage, ImageOpenError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.backing import open_backing
+from nbdqcow.qcow2.bitmap_store import LiveBitmaps
 from nbdqcow.qcow2.cache import TableCache
 from nbdqcow.qcow2.geometry import Geometry
-from nbdqcow.qcow2.header import encode_header, parse_header
+from nbdqcow.qcow2.header import Header, encode_header, parse_header
 from nbdqcow.qcow2.mapping import Run, iter_runs
 from nbdqcow.qcow2.policy import DEFAULT_POLICY, Policy
 from nbdqcow.qcow2.refcount import Refcounts
@@ -87,6 +88,8 @@ class Qcow2Core:
         self.writable = writable
         self.corrupt = False
         self._lock = threading.RLock()
+        # the persistent bitmaps a writable open keeps current (bitmap_store.py)
+        self.live_bitmaps: LiveBitmaps | None = None
         file_size = file.size()
         # read only the first cluster: reading more would pull guest data into the page
         # cache, which changes what SEEK_DATA reports for unwritten extents
@@ -182,6 +185,8 @@ class Qcow2Core:
                 from nbdqcow.qcow2.check import rebuild_refcounts
 
                 rebuild_refcounts(cast("Qcow2Driver", self))
+            if snapshot is None:
+                self.live_bitmaps = LiveBitmaps.load(self)
             if h.lazy_refcounts and h.version >= 3:
                 self._set_incompat(L.INCOMPAT_DIRTY, True)
                 self._lazy_dirty = True
@@ -238,6 +243,12 @@ class Qcow2Core:
     # ------------------------------------------------------------------ header
     def _write_header(self) -> None:
         self.file.pwrite(encode_header(self.header), 0)
+
+    def update_header(self, header: Header) -> None:
+        """Make ``header`` the image's header, on disk (synced)."""
+        self.header = header
+        self._write_header()
+        self.file.sync()
 
     def _set_incompat(self, bit: int, on: bool) -> None:
         feats = self.header.incompatible_features

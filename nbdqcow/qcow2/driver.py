@@ -22,6 +22,8 @@ class Qcow2Driver(Qcow2Zeroer):
             try:
                 if self.writable and not self.corrupt:
                     self._flush()
+                    if self.live_bitmaps is not None:
+                        self.live_bitmaps.store()
                     if self._lazy_dirty:
                         self._set_incompat(L.INCOMPAT_DIRTY, False)
             finally:

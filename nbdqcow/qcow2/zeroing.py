@@ -23,11 +23,15 @@ class Qcow2Zeroer(Qcow2Writer):
         with self._lock:
             if fast and self._zero_range(offset, length, op, dry=True):
                 raise NotSupported("write-zeroes cannot be done without writing data")
+            if self.live_bitmaps is not None:
+                self.live_bitmaps.mark(offset, length)
             self._zero_range(offset, length, op, dry=False)
 
     def discard(self, offset: int, length: int) -> None:
         self._check_writable(offset, length)
         with self._lock:
+            if self.live_bitmaps is not None:
+                self.live_bitmaps.mark(offset, length)
             self._zero_range(offset, length, Op.DISCARD, dry=False)
 
     def _zero_range(self, offset: int, length: int, op: Op, dry: bool) -> bool:
