@@ -4,8 +4,8 @@ the ``qemu:dirty-bitmap:NAME`` metadata context, side by side with qemu-nbd 7.2.
 Images are made by qemu-img (``bitmap --add/--disable``) and qemu-io (writes between
 the bitmap operations); both servers serve the same file read-only and must answer the
 same extents (``nbdinfo --map``, libnbd with REQ_ONE and several contexts) and refuse
-the same images (unknown name, in-use bitmap, stale bitmaps).  nbdqcow also refuses -B
-on a writable export (it does not maintain bitmaps) and hostile bitmap tables.
+the same images (unknown name, in-use bitmap, stale bitmaps).  nbdqcow also refuses
+hostile bitmap tables.  Writable exports: tests/interop/test_live_bitmaps.py.
 """
 
 from __future__ import annotations
