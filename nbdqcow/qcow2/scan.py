@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nbdqcow.qcow2 import layout as L
-from nbdqcow.qcow2.entries import SC, bitmap_valid, sc_type
+from nbdqcow.qcow2.entries import HAS_HOST, SC, bitmap_valid, sc_type, std_type
 from nbdqcow.qcow2.geometry import Geometry
 
 U64 = npt.NDArray[np.uint64]
@@ -111,7 +111,13 @@ def _with_gaps(pieces: Pieces, idx: npt.NDArray[np.intp], n: int, cs: int) -> Pi
             np.concatenate((pieces[3], zeros))[order])
 
 
-def scan_l2(table: array[int] | bytes | U64, geo: Geometry, has_data_file: bool) -> TableRuns:
+#: tables with at most this many non-zero entries are classified one entry at a time
+#: (numpy's per-call cost is higher than a few Python steps)
+FEW = 24
+
+
+def scan_l2(table: array[int] | bytes | U64, geo: Geometry, has_data_file: bool,
+            few: int = FEW) -> TableRuns:
     """The run decomposition of one L2 table (standard or extended).  Only the clusters
     whose entry is not zero are classified: a sparse table costs what its data costs."""
     w = words_of(table)
@@ -128,6 +134,8 @@ def scan_l2(table: array[int] | bytes | U64, geo: Geometry, has_data_file: bool)
         idx = np.flatnonzero(e)
     if not len(idx):
         return TableRuns([0], [span], [SC.UNALLOCATED_PLAIN], [0])
+    if len(idx) <= few:
+        return _scan_few(e, bm, idx.tolist(), geo, has_data_file)
     dense = len(idx) == n
     ent = e if dense else e[idx]
     if bm is None:
@@ -144,6 +152,56 @@ def scan_l2(table: array[int] | bytes | U64, geo: Geometry, has_data_file: bool)
         pieces = _with_gaps(pieces, idx, n, cs)
     out = _runs(pieces, span)
     out.invalid = invalid
+    return out
+
+
+def _scan_few(e: U64, bm: U64 | None, idx: list[int], geo: Geometry,
+              has_data_file: bool) -> TableRuns:
+    """scan_l2 for a table with few non-zero entries: those one by one, the rest gaps."""
+    cs, scs = geo.cluster_size, geo.subcluster_size
+    out = TableRuns([], [], [], [])
+    starts, lengths, states, hosts = out.starts, out.lengths, out.states, out.hosts
+
+    def add(pos: int, n: int, t: SC, h: int) -> None:
+        if states:
+            pt = states[-1]
+            if (pt is t and t is not SC.COMPRESSED
+                    and (t not in HAS_HOST or hosts[-1] + lengths[-1] == h)):
+                lengths[-1] += n
+                return
+        starts.append(pos)
+        lengths.append(n)
+        states.append(t)
+        hosts.append(h)
+
+    prev = 0
+    ents = e[idx].tolist()
+    bms = bm[idx].tolist() if bm is not None else [0] * len(idx)
+    for i, x, b in zip(idx, ents, bms, strict=True):
+        if i > prev:
+            add(prev * cs, (i - prev) * cs, SC.UNALLOCATED_PLAIN, 0)
+        prev = i + 1
+        if bm is None:
+            t = std_type(x, has_data_file)
+            h = x & L.L2E_OFFSET_MASK
+            if t in HAS_HOST:
+                if h & (cs - 1):
+                    out.invalid.append((i * cs, (i + 1) * cs,
+                                        f"L2 entry {x:#x} has an unaligned host offset"))
+                add(i * cs, cs, t, h)
+            else:
+                add(i * cs, cs, t, x if t is SC.COMPRESSED else 0)
+            continue
+        out.invalid.extend(_ext_invalid(x, b, i, geo, has_data_file))
+        if x & L.QCOW_OFLAG_COMPRESSED:
+            add(i * cs, cs, SC.COMPRESSED, x)
+            continue
+        h = x & L.L2E_OFFSET_MASK
+        for sc in range(geo.subclusters_per_cluster):
+            t = sc_type(x, b, sc, has_data_file)
+            add(i * cs + sc * scs, scs, t, h + sc * scs if t in HAS_HOST else 0)
+    if prev < geo.l2_size:
+        add(prev * cs, (geo.l2_size - prev) * cs, SC.UNALLOCATED_PLAIN, 0)
     return out
 
 

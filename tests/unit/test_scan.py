@@ -110,11 +110,13 @@ def tables(draw: st.DrawFn, geo: Geometry) -> list[int]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=st.data(), ext=st.booleans(), df=st.booleans())
-def test_scan_matches_entry_definition(data: st.DataObject, ext: bool, df: bool) -> None:
+@given(data=st.data(), ext=st.booleans(), df=st.booleans(), few=st.sampled_from([0, 1 << 30]))
+def test_scan_matches_entry_definition(data: st.DataObject, ext: bool, df: bool,
+                                       few: int) -> None:
+    """Both ways of the scanner: array operations (few=0) and few entries one by one."""
     geo = EXT if ext else STD
     words = data.draw(tables(geo))
-    tr = scan_l2(array("Q", words), geo, df)
+    tr = scan_l2(array("Q", words), geo, df, few)
     runs, bad = reference(words, geo, df)
     assert as_pieces(tr) == runs
     assert [m for _, _, m in tr.invalid] == bad

@@ -14,9 +14,11 @@ too-low ones are raised as well; COPIED flags are fixed with ``FIX_ERRORS``, and
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.check import bulk
 from nbdqcow.qcow2.check.result import FIX_ERRORS, FIX_LEAKS, CheckResult
 from nbdqcow.qcow2.check.stored import Stored, read_at
 from nbdqcow.qcow2.check.walk import Walk
@@ -34,7 +36,11 @@ def compare(
     nb = max(len(ref), walk.geo.size_to_clusters(walk.file_size))
     highest = 0
     rebuild = False
-    for i in range(nb):
+    have_all = bulk.stored_counts(stored, nb)
+    todo: Iterable[int] = range(nb)
+    if have_all is not None:
+        todo, highest = bulk.differences(bulk.as_array(ref), have_all, nb)
+    for i in todo:
         counted = ref[i] if i < len(ref) else 0
         have = stored.get(i)
         if have is None:
@@ -42,7 +48,7 @@ def compare(
             res.check_errors += 1
             continue
         if have or counted:
-            highest = i
+            highest = max(highest, i)
         if have == counted:
             continue
         fixing = False
@@ -96,10 +102,10 @@ def check_copied(
     repair = bool(fix & FIX_ERRORS) or (
         bool(fix & FIX_LEAKS) and not (res.check_errors or res.corruptions or res.leaks))
     l1 = load_u64(read_at(file, header.l1_size * 8, header.l1_table_offset))
+    stored_all = bulk.stored_counts(stored, geo.size_to_clusters(file.size()))
     l1_dirty = False
     cs = geo.cluster_size
     data_file = header.has_data_file
-    step = geo.l2_entry_words
     for i, e in enumerate(l1):
         l2off = e & L.L1E_OFFSET_MASK
         if not l2off or l2off & (cs - 1):
@@ -110,8 +116,11 @@ def check_copied(
         ):
             l1_dirty = True
         table = load_u64(read_at(file, cs, l2off))
+        if stored_all is not None and bulk.copied_mismatch(
+                table, geo, stored_all, data_file) is False:
+            continue  # every COPIED flag agrees
         dirty = False
-        for j in range(0, len(table), step):
+        for j in bulk.nonzero_entries(table, geo):
             ent = table[j]
             if ent & L.QCOW_OFLAG_COMPRESSED:
                 continue

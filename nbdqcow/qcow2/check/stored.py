@@ -51,7 +51,7 @@ class Stored:
         self.bits = geo.refcount_block_bits
         self.mask = geo.refcount_block_entries - 1
 
-    def _block(self, rti: int) -> array[int] | None:
+    def block(self, rti: int) -> array[int] | None:
         """The block of table index ``rti``; None if it is not usable."""
         if rti in self.blocks:
             return self.blocks[rti]
@@ -69,14 +69,14 @@ class Stored:
         rti = cluster >> self.bits
         if rti >= len(self.table) or not self.table[rti] & L.REFT_OFFSET_MASK:
             return 0
-        blk = self._block(rti)
+        blk = self.block(rti)
         return None if blk is None else blk[cluster & self.mask]
 
     def set(self, cluster: int, value: int) -> bool:
         rti = cluster >> self.bits
         if rti >= len(self.table) or not self.table[rti] & L.REFT_OFFSET_MASK:
             return False
-        blk = self._block(rti)
+        blk = self.block(rti)
         if blk is None:
             return False
         blk[cluster & self.mask] = value
@@ -93,8 +93,15 @@ class Stored:
 
 
 def highest_used(stored: Stored, geo: Geometry, file_size: int) -> int:
+    from nbdqcow.qcow2.check.bulk import stored_counts
+
+    n = geo.size_to_clusters(file_size)
+    counts = stored_counts(stored, n)
+    if counts is not None:
+        used = counts.nonzero()[0]
+        return int(used[-1]) if len(used) else 0
     highest = 0
-    for i in range(geo.size_to_clusters(file_size)):
+    for i in range(n):
         if stored.get(i):
             highest = i
     return highest

@@ -18,6 +18,7 @@ from nbdqcow.block.hostfile import HostFile
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.bitmaps import BITMAP_ENTRY, BITMAP_EXT, BME_TABLE_OFFSET_MASK
+from nbdqcow.qcow2.check import bulk
 from nbdqcow.qcow2.check.result import FIX_ERRORS, CheckFailed, CheckResult
 from nbdqcow.qcow2.check.stored import read_at
 from nbdqcow.qcow2.entries import SC, std_type
@@ -106,10 +107,17 @@ class Walk:
         geo, res = self.geo, self.res
         ext = geo.extended_l2
         words = load_u64(read_at(self.file, self.cs, offset))
-        step = geo.l2_entry_words
         data_file = self.h.has_data_file
+        hosts = bulk.plain_hosts(words, geo, data_file)
+        if hosts is not None and (data_file or bulk.count_clusters(
+                self.ref, hosts, geo.cluster_bits, self.file_size, geo.refcount_max)):
+            if active:
+                res.allocated_clusters += len(hosts)
+                res.fragmented_clusters += bulk.fragmented(hosts, self.cs)
+            return
+        step = geo.l2_entry_words
         next_contiguous = 0
-        for i in range(0, len(words), step):
+        for i in bulk.nonzero_entries(words, geo):
             e = words[i]
             bm = words[i + 1] if ext else 0
             if e & L.QCOW_OFLAG_COMPRESSED:

@@ -1,0 +1,144 @@
+"""The check's per-table and per-cluster loops done with whole-array operations (numpy,
+see :mod:`nbdqcow.qcow2.scan`) where a table holds nothing unusual.
+
+Each function answers only the common case and says so (returns True / a result);
+otherwise the caller runs its entry-by-entry code, which is what defines the messages
+and their order.  So the bulk paths never report anything: they count, and skip what
+is zero.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import numpy as np
+import numpy.typing as npt
+
+from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.check.stored import Stored
+from nbdqcow.qcow2.geometry import Geometry
+from nbdqcow.qcow2.scan import allocated_mask, words_of
+
+U64 = npt.NDArray[np.uint64]
+
+_COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)
+_COPIED = np.uint64(L.QCOW_OFLAG_COPIED)
+_OFF = np.uint64(L.L2E_OFFSET_MASK)
+_RESERVED = np.uint64(L.L2E_STD_RESERVED_MASK)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def entries(words: array[int], geo: Geometry) -> tuple[U64, U64 | None, npt.NDArray[np.intp]]:
+    """(entries, bitmaps or None, indices of the entries that are not all zero)."""
+    w = words_of(words)
+    if geo.extended_l2:
+        e, bm = w[0::2], w[1::2]
+        return e, bm, np.flatnonzero(e | bm)
+    return w, None, np.flatnonzero(w)
+
+
+def nonzero_entries(words: array[int], geo: Geometry) -> list[int]:
+    """Word indices of the entries that are not all zero (an all-zero entry counts
+    nothing and is never wrong)."""
+    _, _, idx = entries(words, geo)
+    return (idx * geo.l2_entry_words).tolist()  # type: ignore[no-any-return]
+
+
+def plain_hosts(words: array[int], geo: Geometry, has_data_file: bool) -> U64 | None:
+    """Host offsets of the allocated clusters of an L2 table, in table order, when the
+    table holds nothing the check has to report or handle one by one (compressed
+    entries, reserved bits, bad subcluster bitmaps, unaligned offsets); else None."""
+    e, bm, idx = entries(words, geo)
+    if not len(idx):
+        return np.zeros(0, dtype=np.uint64)
+    e = e[idx]
+    if (e & (_COMP | _RESERVED)).any():
+        return None
+    alloc = allocated_mask(e, has_data_file)
+    if bm is not None:
+        b = bm[idx]
+        abits = b & _LOW32
+        if ((abits & (b >> np.uint64(32))) != 0).any() or ((abits != 0) & ~alloc).any():
+            return None
+    hosts = e[alloc] & _OFF
+    if (hosts & np.uint64(geo.cluster_size - 1)).any():
+        return None
+    return hosts
+
+
+def fragmented(hosts: U64, cs: int) -> int:
+    """Allocated clusters not right after the previous one (qemu-img's figure)."""
+    return int(np.count_nonzero(hosts[1:] != hosts[:-1] + np.uint64(cs)))
+
+
+def count_clusters(ref: array[int], hosts: U64, cluster_bits: int, file_size: int,
+                   refcount_max: int) -> bool:
+    """Add one reference to the cluster of each host offset, if all lie inside the file,
+    none repeats and none overflows; else change nothing and return False."""
+    if not len(hosts):
+        return True
+    if int(hosts.max()) >= file_size:
+        return False
+    clusters = (hosts >> np.uint64(cluster_bits)).astype(np.intp)
+    if len(clusters) > 1 and len(np.unique(clusters)) != len(clusters):
+        return False
+    view = np.frombuffer(ref, dtype=np.dtype(ref.typecode))
+    if int(view[clusters].max()) >= refcount_max:
+        return False
+    view[clusters] += 1
+    return True
+
+
+def as_array(counts: array[int]) -> npt.NDArray[np.uint64]:
+    return np.frombuffer(counts, dtype=np.dtype(counts.typecode)).astype(np.uint64)
+
+
+def differences(counted: npt.NDArray[np.uint64], stored: npt.NDArray[np.uint64],
+                n: int) -> tuple[list[int], int]:
+    """Clusters below ``n`` whose counts differ, and the highest cluster with a count
+    (0 when none)."""
+    a = np.zeros(n, dtype=np.uint64)
+    b = np.zeros(n, dtype=np.uint64)
+    a[: min(n, len(counted))] = counted[:n]
+    b[: min(n, len(stored))] = stored[:n]
+    used = np.flatnonzero(a | b)
+    highest = int(used[-1]) if len(used) else 0
+    return np.flatnonzero(a != b).tolist(), highest
+
+
+def copied_mismatch(words: array[int], geo: Geometry, stored: npt.NDArray[np.uint64],
+                    has_data_file: bool) -> bool | None:
+    """Whether any allocated entry of an L2 table has a COPIED flag that disagrees with
+    its stored refcount (``stored``: every cluster's refcount); None when the table
+    needs the entry-by-entry walk to tell (a host cluster beyond the stored table)."""
+    e, _, idx = entries(words, geo)
+    e = e[idx]
+    e = e[(e & _COMP) == 0]
+    e = e[allocated_mask(e, has_data_file)]  # standard: NORMAL or ZERO_ALLOC
+    if not len(e):
+        return False
+    copied = (e & _COPIED) != 0
+    if has_data_file:
+        return bool((~copied).any())
+    clusters = ((e & _OFF) >> np.uint64(geo.cluster_bits)).astype(np.intp)
+    if int(clusters.max()) >= len(stored):
+        return None
+    return bool(((stored[clusters] == 1) != copied).any())
+
+
+def stored_counts(stored: Stored, n: int) -> npt.NDArray[np.uint64] | None:
+    """The stored refcounts of clusters [0, n) (0 where no block is allocated); None if
+    a refcount block among them is unusable (the entry-by-entry code reports it)."""
+    per = stored.geo.refcount_block_entries
+    parts: list[npt.NDArray[np.uint64]] = []
+    for rti in range((n + per - 1) // per):
+        if rti >= len(stored.table) or not stored.table[rti] & L.REFT_OFFSET_MASK:
+            parts.append(np.zeros(per, dtype=np.uint64))
+            continue
+        blk = stored.block(rti)
+        if blk is None:
+            return None
+        parts.append(as_array(blk))
+    if not parts:
+        return np.zeros(0, dtype=np.uint64)
+    return np.concatenate(parts)[:n]
