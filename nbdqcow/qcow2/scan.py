@@ -127,11 +127,11 @@ def scan_l2(table: array[int] | bytes | U64, geo: Geometry, has_data_file: bool,
     if geo.extended_l2:
         e = w[0 : 2 * n : 2]
         bm = w[1 : 2 * n : 2]
-        idx = np.flatnonzero(e | bm)
+        idx = np.flatnonzero((e | bm) != 0)
     else:
         e = w[:n]
         bm = None
-        idx = np.flatnonzero(e)
+        idx = np.flatnonzero(e != 0)
     if not len(idx):
         return TableRuns([0], [span], [SC.UNALLOCATED_PLAIN], [0])
     if len(idx) <= few:

@@ -28,13 +28,18 @@ _RESERVED = np.uint64(L.L2E_STD_RESERVED_MASK)
 _LOW32 = np.uint64(0xFFFFFFFF)
 
 
-def entries(words: array[int], geo: Geometry) -> tuple[U64, U64 | None, npt.NDArray[np.intp]]:
+def load_words(raw: bytes) -> U64:
+    """A big-endian table as native uint64 (numpy swaps faster than array.byteswap)."""
+    return np.frombuffer(raw, dtype=">u8", count=len(raw) // 8).astype(np.uint64)
+
+
+def entries(words: array[int] | U64, geo: Geometry) -> tuple[U64, U64 | None, npt.NDArray[np.intp]]:
     """(entries, bitmaps or None, indices of the entries that are not all zero)."""
     w = words_of(words)
     if geo.extended_l2:
         e, bm = w[0::2], w[1::2]
-        return e, bm, np.flatnonzero(e | bm)
-    return w, None, np.flatnonzero(w)
+        return e, bm, np.flatnonzero((e | bm) != 0)
+    return w, None, np.flatnonzero(w != 0)
 
 
 def nonzero_entries(words: array[int], geo: Geometry) -> list[int]:
@@ -44,10 +49,10 @@ def nonzero_entries(words: array[int], geo: Geometry) -> list[int]:
     return (idx * geo.l2_entry_words).tolist()  # type: ignore[no-any-return]
 
 
-def plain_hosts(words: array[int], geo: Geometry, has_data_file: bool) -> U64 | None:
-    """Host offsets of the allocated clusters of an L2 table, in table order, when the
-    table holds nothing the check has to report or handle one by one (compressed
-    entries, reserved bits, bad subcluster bitmaps, unaligned offsets); else None."""
+def plain_entries(words: array[int] | U64, geo: Geometry, has_data_file: bool) -> U64 | None:
+    """The allocated entries of an L2 table, in table order, when the table holds
+    nothing the check has to report or handle one by one (compressed entries, reserved
+    bits, bad subcluster bitmaps, unaligned offsets); else None."""
     e, bm, idx = entries(words, geo)
     if not len(idx):
         return np.zeros(0, dtype=np.uint64)
@@ -60,10 +65,14 @@ def plain_hosts(words: array[int], geo: Geometry, has_data_file: bool) -> U64 | 
         abits = b & _LOW32
         if ((abits & (b >> np.uint64(32))) != 0).any() or ((abits != 0) & ~alloc).any():
             return None
-    hosts = e[alloc] & _OFF
-    if (hosts & np.uint64(geo.cluster_size - 1)).any():
+    e = e[alloc]
+    if (e & _OFF & np.uint64(geo.cluster_size - 1)).any():
         return None
-    return hosts
+    return e
+
+
+def host_offsets(e: U64) -> U64:
+    return e & _OFF
 
 
 def fragmented(hosts: U64, cs: int) -> int:
@@ -101,20 +110,27 @@ def differences(counted: npt.NDArray[np.uint64], stored: npt.NDArray[np.uint64],
     b = np.zeros(n, dtype=np.uint64)
     a[: min(n, len(counted))] = counted[:n]
     b[: min(n, len(stored))] = stored[:n]
-    used = np.flatnonzero(a | b)
+    used = np.flatnonzero((a | b) != 0)
     highest = int(used[-1]) if len(used) else 0
     return np.flatnonzero(a != b).tolist(), highest
 
 
-def copied_mismatch(words: array[int], geo: Geometry, stored: npt.NDArray[np.uint64],
-                    has_data_file: bool) -> bool | None:
-    """Whether any allocated entry of an L2 table has a COPIED flag that disagrees with
-    its stored refcount (``stored``: every cluster's refcount); None when the table
-    needs the entry-by-entry walk to tell (a host cluster beyond the stored table)."""
+def allocated_entries(words: array[int] | U64, geo: Geometry, has_data_file: bool) -> U64:
+    """The entries of an L2 table that own a host cluster (standard: NORMAL or
+    ZERO_ALLOC), compressed ones left out."""
     e, _, idx = entries(words, geo)
     e = e[idx]
     e = e[(e & _COMP) == 0]
-    e = e[allocated_mask(e, has_data_file)]  # standard: NORMAL or ZERO_ALLOC
+    out: U64 = e[allocated_mask(e, has_data_file)]
+    return out
+
+
+def copied_mismatch(e: U64, geo: Geometry, stored: npt.NDArray[np.uint64],
+                    has_data_file: bool) -> bool | None:
+    """Whether any of the allocated entries ``e`` (:func:`allocated_entries`) has a
+    COPIED flag that disagrees with its stored refcount (``stored``: every cluster's
+    refcount); None when the entry-by-entry walk has to tell (a host cluster beyond
+    the stored table)."""
     if not len(e):
         return False
     copied = (e & _COPIED) != 0

@@ -92,12 +92,14 @@ def _fix_copied(
 
 
 def check_copied(
-    file: HostFile, header: Header, geo: Geometry, stored: Stored, fix: int, res: CheckResult
+    file: HostFile, header: Header, geo: Geometry, stored: Stored, fix: int, res: CheckResult,
+    kept: dict[int, bulk.U64] | None = None,
 ) -> None:
     """COPIED must be set exactly when the stored refcount is 1 (active L1 and L2).
 
     Repaired with ``FIX_ERRORS``; with ``FIX_LEAKS`` alone only when nothing else is
     wrong any more (the stored refcounts are then known to be right), as qemu-img does.
+    ``kept``: allocated entries of L2 tables (by offset) as the walk read them.
     """
     repair = bool(fix & FIX_ERRORS) or (
         bool(fix & FIX_LEAKS) and not (res.check_errors or res.corruptions or res.leaks))
@@ -115,10 +117,14 @@ def check_copied(
             l1, i, rc, repair, res, f"L2 cluster: l1_index={i} l1_entry={e:x}"
         ):
             l1_dirty = True
-        table = load_u64(read_at(file, cs, l2off))
-        if stored_all is not None and bulk.copied_mismatch(
-                table, geo, stored_all, data_file) is False:
-            continue  # every COPIED flag agrees
+        if stored_all is not None and kept is not None and l2off in kept:
+            if bulk.copied_mismatch(kept[l2off], geo, stored_all, data_file) is False:
+                continue  # every COPIED flag agrees
+        raw = read_at(file, cs, l2off)
+        if stored_all is not None and bulk.copied_mismatch(bulk.allocated_entries(
+                bulk.load_words(raw), geo, data_file), geo, stored_all, data_file) is False:
+            continue
+        table = load_u64(raw)
         dirty = False
         for j in bulk.nonzero_entries(table, geo):
             ent = table[j]

@@ -67,7 +67,7 @@ def _one_pass(file: HostFile, header: Header, fix: int, res: CheckResult) -> Hea
         res.leaks += _scratch.leaks
         res.corruptions += _scratch.corruptions
         res.check_errors += _scratch.check_errors
-    check_copied(file, header, geo, stored, fix, res)
+    check_copied(file, header, geo, stored, fix, res, walk.kept)
     res.image_end_offset = (highest + 1) * geo.cluster_size
     return header
 

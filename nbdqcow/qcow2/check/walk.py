@@ -26,7 +26,8 @@ from nbdqcow.qcow2.geometry import Geometry
 from nbdqcow.qcow2.header import Header
 from nbdqcow.qcow2.tables import load_u64, store_u64
 
-MAX_CLUSTERS = 1 << 31  # qemu-img check gives up beyond INT_MAX clusters as well
+MAX_CLUSTERS = 1 << 31
+KEEP_ENTRIES = 4 << 20  # L2 entries kept from the walk for the COPIED check (32 MiB)  # qemu-img check gives up beyond INT_MAX clusters as well
 _COUNT_CODES = {8: "B", 16: "H", 32: "L" if array("I").itemsize != 4 else "I", 64: "Q"}
 
 # snapshot table entry, fixed part: l1_table_offset, l1_size, id_str_size, name_size,
@@ -58,6 +59,9 @@ class Walk:
         self.rebuild = False
         self.outside: list[int] = []  # refcount blocks past the end of the file
         self.refblock_errors = 0
+        # the allocated entries of active L2 tables counted in bulk, for the COPIED check
+        self.kept: dict[int, bulk.U64] = {}
+        self.kept_entries = 0
 
     def msg(self, text: str) -> None:
         self.res.messages.append(text)
@@ -106,15 +110,20 @@ class Walk:
     def l2(self, offset: int, active: bool) -> None:
         geo, res = self.geo, self.res
         ext = geo.extended_l2
-        words = load_u64(read_at(self.file, self.cs, offset))
+        raw = read_at(self.file, self.cs, offset)
         data_file = self.h.has_data_file
-        hosts = bulk.plain_hosts(words, geo, data_file)
-        if hosts is not None and (data_file or bulk.count_clusters(
+        plain = bulk.plain_entries(bulk.load_words(raw), geo, data_file)
+        hosts = None if plain is None else bulk.host_offsets(plain)
+        if plain is not None and hosts is not None and (data_file or bulk.count_clusters(
                 self.ref, hosts, geo.cluster_bits, self.file_size, geo.refcount_max)):
             if active:
+                if self.kept_entries + len(plain) <= KEEP_ENTRIES:
+                    self.kept[offset] = plain
+                    self.kept_entries += len(plain)
                 res.allocated_clusters += len(hosts)
                 res.fragmented_clusters += bulk.fragmented(hosts, self.cs)
             return
+        words = load_u64(raw)
         step = geo.l2_entry_words
         next_contiguous = 0
         for i in bulk.nonzero_entries(words, geo):
