@@ -8,6 +8,7 @@ import errno
 import os
 import threading
 
+from nbdqcow.block.locking import LockMode, acquire
 from nbdqcow.block.zeros import fill_zero
 from nbdqcow.errors import WouldBlock
 
@@ -39,17 +40,35 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
 
 
 class HostFile:
-    """One open host file.  Reads past the end of the file return zeros."""
+    """One open host file.  Reads past the end of the file return zeros.
 
-    def __init__(self, path: str, writable: bool, direct: bool = False) -> None:
+    ``lock``: qemu's image locks (see :mod:`nbdqcow.block.locking`) to take on this open;
+    they are held on this file's own descriptor until :meth:`close`, and an open that
+    conflicts with another opener's locks raises ``ImageLocked`` before anything is read
+    or written.  ``create``: create the file if it is missing (never truncated here: the
+    caller truncates once it holds its locks).
+    """
+
+    def __init__(self, path: str, writable: bool, direct: bool = False, *,
+                 lock: LockMode | None = None, create: bool = False) -> None:
         flags = os.O_RDWR if writable else os.O_RDONLY
         flags |= getattr(os, "O_CLOEXEC", 0)
         if direct:
             flags |= getattr(os, "O_DIRECT", 0)
+        if create:
+            flags |= os.O_CREAT
         self.path = path
         self.writable = writable
         self.direct = direct
-        self.fd = os.open(path, flags)
+        self.fd = os.open(path, flags, 0o644)
+        self.lock = lock
+        if lock is not None:
+            try:
+                acquire(self.fd, path, lock)
+            except BaseException:
+                os.close(self.fd)
+                self.fd = -1
+                raise
         self._size_lock = threading.Lock()
         # set by a failed fdatasync: the kernel may have dropped the dirty pages it could
         # not write, so a later fdatasync that succeeds proves nothing; every later sync
@@ -190,6 +209,7 @@ class HostFile:
         return runs
 
     def close(self) -> None:
+        """Close the file; its locks go with its open file description."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
