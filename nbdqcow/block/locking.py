@@ -205,16 +205,24 @@ def byte_is_free(fd: int, byte: int) -> bool:
 
 
 class ImageLocked(ImageOpenError):
-    """Another opener's locks forbid this open (qemu's 'Failed to get "write" lock')."""
+    """Another opener's locks forbid this open.  The text is qemu's: ``reason`` ('Failed
+    to get "write" lock'), then 'Is another process using the image [path]?' naming the
+    locked file, then (nbdqcow's own) who holds the lock.  ``context`` is what the open
+    was part of ('Could not open backing file: '), as qemu prefixes it."""
 
-    def __init__(self, path: str, reason: str, holders: list[str]) -> None:
+    def __init__(self, path: str, reason: str, holders: list[str], context: str = "") -> None:
         self.path = path
         self.reason = reason
         self.holders = holders
-        text = f"{reason}\nIs another process using the image [{path}]?"
+        self.context = context
+        text = f"{context}{reason}\nIs another process using the image [{path}]?"
         if holders:
             text += f"\nThe lock is held by {', '.join(holders)}."
         super().__init__(text)
+
+    def within(self, context: str) -> ImageLocked:
+        """The same refusal, as part of a larger open (qemu's error prefixes)."""
+        return ImageLocked(self.path, self.reason, self.holders, context + self.context)
 
 
 def _fail(fd: int, path: str, byte: int, err: OSError) -> ImageOpenError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from nbdqcow.block.driver import BlockDriver
+from nbdqcow.block.locking import Access
 from nbdqcow.block.raw import RawDriver
 from nbdqcow.errors import ImageOpenError
 
@@ -30,21 +31,24 @@ def open_image(
     snapshot: str | None = None,
     cache_size: int | None = None,
     mapping: str | None = None,
+    access: Access | None = None,
 ) -> BlockDriver:
-    """Open ``path`` as ``fmt`` ('raw', 'qcow2' or None to probe)."""
+    """Open ``path`` as ``fmt`` ('raw', 'qcow2' or None to probe); ``access`` says how,
+    for qemu's file locks (default: this process alone, as ``writable`` says)."""
     if not os.path.exists(path):
         raise ImageOpenError(f"could not open '{path}': No such file or directory")
     fmt = fmt or probe_format(path)
     if fmt == "raw":
         if snapshot:
             raise ImageOpenError("raw images have no internal snapshots")
-        return RawDriver(path, writable=writable, offset=offset)
+        return RawDriver(path, writable=writable, offset=offset, access=access)
     if fmt == "qcow2":
         if offset:
             raise ImageOpenError("--offset is only supported for raw images")
         from nbdqcow.qcow2.driver import Qcow2Driver
 
         return Qcow2Driver.open(
-            path, writable=writable, snapshot=snapshot, cache_size=cache_size, mapping=mapping
+            path, writable=writable, snapshot=snapshot, cache_size=cache_size, mapping=mapping,
+            access=access,
         )
     raise ImageOpenError(f"unknown format '{fmt}' (use raw or qcow2)")

@@ -6,6 +6,7 @@ import threading
 
 from nbdqcow.block.driver import Capabilities, Extent
 from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.locking import Access
 from nbdqcow.block.ranges import check_range
 from nbdqcow.errors import NotSupported, ReadOnlyImage
 
@@ -14,9 +15,13 @@ class RawDriver:
     """A raw image file.  ``size`` is fixed at open (file size minus ``offset``)."""
 
     def __init__(
-        self, path: str, writable: bool = True, offset: int = 0, size: int | None = None
+        self, path: str, writable: bool = True, offset: int = 0, size: int | None = None,
+        access: Access | None = None,
     ) -> None:
-        self.file = HostFile(path, writable)
+        """``access``: how the image is used, for qemu's file locks (default: by this
+        process alone, read-only or writable as ``writable`` says)."""
+        access = access if access is not None else Access(write=writable)
+        self.file = HostFile(path, writable, lock=access.image("raw"))
         self.path = path
         self.offset = offset
         self._size = (self.file.size() - offset) if size is None else size

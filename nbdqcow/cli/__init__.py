@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from nbdqcow import __version__
+from nbdqcow.block.locking import ImageLocked
 from nbdqcow.errors import NbdqcowError
 
 # subcommand modules, in help order
@@ -73,6 +74,11 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
         return 1
     try:
         return int(func(args) or 0)
+    except ImageLocked as e:
+        from nbdqcow.cli.locks import locked_message
+
+        print(f"{parser.prog}: {locked_message(args, e)}", file=sys.stderr)
+        return 1
     except NbdqcowError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 1

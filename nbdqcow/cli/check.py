@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.locking import Access
 from nbdqcow.block.open import probe_format
+from nbdqcow.cli.locks import add_force_share, read_access, write_access
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2.check import CheckResult, check_file
 from nbdqcow.qcow2.info import qemu_order, to_json
@@ -50,8 +52,10 @@ def run_check(args: argparse.Namespace) -> int:
             print("nbdqcow: This image format does not support checks", file=sys.stderr)
             return EXIT_NOT_SUPPORTED
         raise ImageOpenError(f"unknown format '{fmt}' (use raw or qcow2)")
+    access = write_access(args) if args.repair is not None else read_access(args)
     try:
-        file = HostFile(args.file, writable=args.repair is not None)
+        file = HostFile(args.file, writable=args.repair is not None,
+                        lock=access.image("qcow2"))
     except OSError as e:
         raise ImageOpenError(f"Could not open '{args.file}': {e.strerror}") from None
     try:
@@ -67,16 +71,16 @@ def run_check(args: argparse.Namespace) -> int:
         sys.stdout.write(to_json(qemu_order(res.to_dict())) + "\n")
     elif not args.quiet:
         sys.stdout.write(human_report(res, bool(res.leaks_fixed or res.corruptions_fixed)))
-        sys.stdout.write(mapping_line(args.file))
+        sys.stdout.write(mapping_line(args.file, Access(force_share=access.force_share)))
     return res.exit_code
 
 
-def mapping_line(path: str) -> str:
+def mapping_line(path: str, access: Access | None = None) -> str:
     """nbdqcow's own last line: the guest->host mapping in words (issue 4), e.g.
     "Mapping: constant: host = guest + 0x50000"; empty if the image cannot be walked."""
     from nbdqcow.qcow2.layout_view import mapping_verdict
 
-    verdict = mapping_verdict(path)
+    verdict = mapping_verdict(path, access)
     return f"Mapping: {verdict}\n" if verdict else ""
 
 
@@ -88,5 +92,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("-f", "--format", choices=("raw", "qcow2"),
                    help="image format (probed when absent)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_force_share(p)
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=run_check)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nbdqcow.cli.locks import add_force_share, read_access
 from nbdqcow.cli.sizes import format_size
 from nbdqcow.qcow2.info import (
     Info,
@@ -19,11 +20,12 @@ from nbdqcow.qcow2.snapshot import Snapshot
 
 def run_info(args: argparse.Namespace) -> int:
     chain: list[tuple[Info, list[Snapshot]]]
+    access = read_access(args, io=False)
     if args.backing_chain:
-        chain = backing_chain(args.file, args.format)
+        chain = backing_chain(args.file, args.format, access)
     else:
         snaps: list[Snapshot] = []
-        chain = [(image_info(args.file, args.format, snaps), snaps)]
+        chain = [(image_info(args.file, args.format, snaps, access), snaps)]
     if args.output == "json":
         if args.backing_chain:
             sys.stdout.write(to_json([qemu_order(i) for i, _ in chain]) + "\n")
@@ -41,7 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None)
     p.add_argument("--backing-chain", action="store_true",
                    help="also describe every backing file")
-    p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility (nbdqcow takes no locks here)")
+    add_force_share(p)
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=run_info)

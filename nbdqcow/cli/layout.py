@@ -16,6 +16,7 @@ import zlib
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
+from nbdqcow.cli.locks import add_force_share, read_access
 from nbdqcow.cli.sizes import format_size
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.layout_view import (
@@ -275,7 +276,7 @@ def to_png(scene: list[Shape]) -> bytes:
 
 # ------------------------------------------------------------------ command
 def run_layout(args: argparse.Namespace) -> int:
-    d = Qcow2Driver.open(args.file, writable=False)
+    d = Qcow2Driver.open(args.file, writable=False, access=read_access(args))
     try:
         scene = build_scene(args.file, d)
         verdict = summarize(guest_runs(d), d.geo.cluster_size, d.header.has_data_file).verdict
@@ -298,5 +299,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("-o", "--output", required=True, metavar="PICTURE",
                    help="picture file: .svg, or .png")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the verdict")
+    add_force_share(p)
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=run_layout)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from nbdqcow.block.driver import BlockDriver, Extent
 from nbdqcow.block.open import open_image
+from nbdqcow.cli.locks import add_force_share, read_access
 from nbdqcow.errors import ImageError
 
 CHUNK = 1 << 30  # qemu-img map asks for at most 1 GiB at a time
@@ -115,7 +116,7 @@ def _hex(v: int) -> str:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    drv = open_image(args.file, args.format, writable=False)
+    drv = open_image(args.file, args.format, writable=False, access=read_access(args))
     out = sys.stdout
     try:
         if args.output == "json":
@@ -142,5 +143,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("-f", "--format", choices=("raw", "qcow2"),
                    help="image format (probed when absent)")
+    add_force_share(p)
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=run_map)

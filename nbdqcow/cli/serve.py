@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from nbdqcow import __version__
 from nbdqcow.block.driver import BlockDriver, DirtyBitmapSource
+from nbdqcow.block.locking import PERM_ALL, Access, Perm
 from nbdqcow.block.open import open_image, probe_format
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.server.exports import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, Export
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("-x", "--export-name", default="", metavar="NAME", help="export name (default empty)")
     a("-D", "--description", default="", metavar="TEXT", help="export description")
     a("-r", "--read-only", action="store_true", help="export read-only")
+    a("--force-share", action="store_true",
+      help="with -r: serve the image even while others write it, refusing no one "
+           "(qemu's force-share=on); reads may be inconsistent")
     a("-t", "--persistent", action="store_true", help="don't exit after the last client")
     a("-e", "--shared", type=_int, default=1, metavar="NUM",
       help="clients served at once (default 1, 0 = unlimited)")
@@ -207,6 +211,15 @@ def open_export(args: argparse.Namespace, stack: contextlib.ExitStack) -> Export
         raise NbdqcowError("--detect-zeroes=unmap needs --discard=unmap")
     args.discard = {"off": "ignore", "on": "unmap"}.get(args.discard, args.discard)
     readonly = args.read_only or bool(args.load_snapshot)
+    force_share = bool(getattr(args, "force_share", False))
+    if force_share and not readonly:
+        raise NbdqcowError("force-share=on can only be used with read-only images")
+    if readonly and not force_share:
+        args.lock_hint = ("Use --force-share (with -r) to serve it anyway (reads may be "
+                          "inconsistent).")
+    # a qemu-nbd export lets others read and write the image but not resize it
+    access = Access(write=not readonly, force_share=force_share,
+                    shared=PERM_ALL & ~Perm.RESIZE)
     fmt = args.format or probe_format(args.filename)
     path = args.filename
     if args.snapshot:
@@ -214,7 +227,7 @@ def open_export(args: argparse.Namespace, stack: contextlib.ExitStack) -> Export
         fmt = "qcow2"
     driver = open_image(
         path, fmt, writable=not readonly, offset=args.offset, snapshot=args.load_snapshot,
-        cache_size=args.cache_size, mapping=args.mapping,
+        cache_size=args.cache_size, mapping=args.mapping, access=access,
     )
     stack.callback(driver.close)
     return Export(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.open import probe_format
+from nbdqcow.cli.locks import add_force_share, read_access, write_access
 from nbdqcow.cli.sizes import format_size
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2.info import check_open_limits, read_header, snapshot_table_lines
@@ -23,7 +24,7 @@ def list_snapshots(args: argparse.Namespace) -> int:
     fmt = args.format or probe_format(args.file)
     if fmt != "qcow2":
         raise ImageOpenError(f"'{args.file}': raw images have no internal snapshots")
-    f = HostFile(args.file, writable=False)
+    f = HostFile(args.file, writable=False, lock=read_access(args).image("qcow2"))
     try:
         header = read_header(f)
         check_open_limits(header)
@@ -37,6 +38,7 @@ def list_snapshots(args: argparse.Namespace) -> int:
 
 
 def _qcow2_only(args: argparse.Namespace) -> None:
+    write_access(args)  # -U only reads
     fmt = args.format or probe_format(args.file)
     if fmt != "qcow2":
         raise ImageOpenError(f"'{args.file}': raw images have no internal snapshots")
@@ -85,8 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         else:
             p.add_argument(flag, dest=f"act_{name}", action="store_true")
     p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None)
-    p.add_argument("-U", "--force-share", action="store_true",
-                   help="accepted for qemu-img compatibility")
+    add_force_share(p)
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=run_snapshot)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from nbdqcow.block.driver import BlockDriver
+from nbdqcow.block.locking import Access, ImageLocked
 from nbdqcow.block.open import probe_format
 from nbdqcow.block.raw import RawDriver
 from nbdqcow.errors import ImageOpenError
@@ -24,8 +25,12 @@ def resolve_relative(image_path: str, name: str) -> str:
 
 
 def open_backing(
-    image_path: str, name: str, fmt: str | None, chain: tuple[str, ...]
+    image_path: str, name: str, fmt: str | None, chain: tuple[str, ...],
+    access: Access | None = None,
 ) -> BlockDriver:
+    """``access``: how the layers below are opened for qemu's locks (read-only,
+    sharing everything; see :meth:`Access.backing`)."""
+    access = access if access is not None else Access()
     path = resolve_relative(image_path, name)
     real = os.path.realpath(path)
     if real in chain:
@@ -35,10 +40,13 @@ def open_backing(
     if not os.path.exists(path):
         raise ImageOpenError(f"could not open backing file '{name}': No such file or directory")
     fmt = fmt or probe_format(path)
-    if fmt == "raw":
-        return RawDriver(path, writable=False)
-    if fmt == "qcow2":
-        from nbdqcow.qcow2.driver import Qcow2Driver
+    try:
+        if fmt == "raw":
+            return RawDriver(path, writable=False, access=access)
+        if fmt == "qcow2":
+            from nbdqcow.qcow2.driver import Qcow2Driver
 
-        return Qcow2Driver.open(path, writable=False, _chain=chain + (real,))
+            return Qcow2Driver.open(path, writable=False, access=access, _chain=chain + (real,))
+    except ImageLocked as e:
+        raise e.within("Could not open backing file: ") from None
     raise ImageOpenError(f"unsupported backing file format '{fmt}'")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Self, cast
 
 from nbdqcow.block.driver import BlockDriver, Capabilities
 from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.locking import Access
 from nbdqcow.errors import CorruptImage, ImageOpenError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.backing import open_backing
@@ -58,17 +59,21 @@ class Qcow2Core:
         snapshot: str | None = None,
         cache_size: int | None = None,
         mapping: str | None = None,
+        access: Access | None = None,
         _chain: tuple[str, ...] = (),
     ) -> Self:
+        """``access``: how the image is used, for qemu's file locks (default: by this
+        process alone, read-only or writable as ``writable`` says)."""
         if snapshot is not None and writable:
             raise ImageOpenError("an internal snapshot can only be opened read-only")
+        access = access if access is not None else Access(write=writable)
         try:
-            file = HostFile(path, writable)
+            file = HostFile(path, writable, lock=access.image("qcow2"))
         except OSError as e:
             raise ImageOpenError(f"could not open '{path}': {e.strerror}") from None
         try:
             return cls(path, file, writable, snapshot, cache_size, mapping,
-                       _chain or (os.path.realpath(path),))
+                       _chain or (os.path.realpath(path),), access)
         except BaseException:
             file.close()
             raise
@@ -82,7 +87,9 @@ class Qcow2Core:
         cache_size: int | None,
         mapping: str | None,
         chain: tuple[str, ...],
+        access: Access | None = None,
     ) -> None:
+        access = access if access is not None else Access(write=writable)
         self.path = path
         self.file = file
         self.writable = writable
@@ -159,15 +166,10 @@ class Qcow2Core:
             # qemu opens a relative data file name relative to the working directory
             dpath = h.data_file
             try:
-                self.data_file = HostFile(dpath, writable)
+                self.data_file = HostFile(dpath, writable, lock=access.data_file())
             except OSError as e:
                 raise ImageOpenError(f"could not open data file '{h.data_file}': {e.strerror}") from None
-        # backing chain
         self.backing: BlockDriver | None = None
-        if h.backing_file:
-            if h.data_file_raw:
-                raise ImageOpenError("a raw external data file cannot have a backing file")
-            self.backing = open_backing(path, h.backing_file, h.backing_format, chain)
         self._last_compressed: tuple[int, bytes] = (-1, b"")
         self._meta_prealloc: bool | None = None
         # under "preserve", kept host clusters take writes in place: not holes for NBD
@@ -176,6 +178,30 @@ class Qcow2Core:
         self._l2_mask = geo.l2_size - 1
         self._file_size = file_size
         self._lazy_dirty = False
+        try:
+            self._open_backing_and_repair(h, writable, snapshot, chain, access)
+        except BaseException:
+            # the caller closes the image file; what was opened here goes too (and the
+            # locks it holds with it)
+            if self.data_file is not file:
+                self.data_file.close()
+            if self.backing is not None:
+                self.backing.close()
+            raise
+        fast_zero = writable and h.version >= 3 and not h.data_file_raw
+        self._caps = Capabilities(
+            writable=writable, flush=writable, discard=writable, write_zeroes=writable,
+            fast_zero=fast_zero, block_status=True, allocation_depth=True, native_fua=True,
+            cache=True,
+        )
+
+    def _open_backing_and_repair(self, h: Header, writable: bool, snapshot: str | None,
+                                 chain: tuple[str, ...], access: Access) -> None:
+        if h.backing_file:
+            if h.data_file_raw:
+                raise ImageOpenError("a raw external data file cannot have a backing file")
+            self.backing = open_backing(self.path, h.backing_file, h.backing_format, chain,
+                                        access.backing())
         if writable:
             if h.nb_snapshots:
                 from nbdqcow.qcow2.unshare import register_snapshot_metadata
@@ -190,12 +216,6 @@ class Qcow2Core:
             if h.lazy_refcounts and h.version >= 3:
                 self._set_incompat(L.INCOMPAT_DIRTY, True)
                 self._lazy_dirty = True
-        fast_zero = writable and h.version >= 3 and not h.data_file_raw
-        self._caps = Capabilities(
-            writable=writable, flush=writable, discard=writable, write_zeroes=writable,
-            fast_zero=fast_zero, block_status=True, allocation_depth=True, native_fua=True,
-            cache=True,
-        )
 
     def _check_table_in_file(self, what: str, offset: int, length: int, file_size: int) -> None:
         if offset + length > file_size:

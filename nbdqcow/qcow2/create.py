@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.locking import Access, LockMode, create_mode
 from nbdqcow.errors import ImageOpenError, NbdqcowError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.header import Extension, Header, encode_header, feature_table_extension
@@ -422,10 +423,16 @@ def _fill(f: HostFile, mode: str, offset: int, length: int) -> None:
         f.truncate(offset + length)
 
 
-def _create_file(path: str) -> HostFile:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    os.close(fd)
-    return HostFile(path, writable=True)
+def _create_file(path: str, lock: LockMode | None) -> HostFile:
+    """Create (or empty) ``path``, holding qemu's locks for ``lock`` first: a file some
+    other process uses is refused before a byte of it is truncated."""
+    f = HostFile(path, writable=True, lock=lock, create=True)
+    try:
+        f.truncate(0)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def _resolve(image_path: str, name: str) -> str:
@@ -440,14 +447,14 @@ def create_qcow2(path: str, size: int, o: Qcow2Options) -> None:
     hdr = encode_header(header)
     if o.data_file:
         # like qemu-img, a relative data file name is relative to the working directory
-        df = _create_file(o.data_file)
+        df = _create_file(o.data_file, Access(write=True).data_file())
         try:
             mode = o.preallocation if o.preallocation in ("falloc", "full") else "off"
             _fill(df, mode, 0, size)
             df.truncate(size)
         finally:
             df.close()
-    f = _create_file(path)
+    f = _create_file(path, Access(write=True).image("qcow2"))
     try:
         _write_refcounts(f, plan, o)
         _write_tables(f, size, plan, o)
@@ -464,7 +471,7 @@ def create_qcow2(path: str, size: int, o: Qcow2Options) -> None:
 
 
 def create_raw(path: str, size: int, preallocation: str = "off") -> None:
-    f = _create_file(path)
+    f = _create_file(path, create_mode())
     try:
         _fill(f, preallocation, 0, size)
         f.truncate(size)

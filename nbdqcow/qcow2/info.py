@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.locking import Access, ImageLocked
 from nbdqcow.block.open import probe_format
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2 import layout as L
@@ -112,12 +113,18 @@ def _qcow2_info(f: HostFile, path: str, snapshots_out: list[Snapshot]) -> Info:
 
 
 def image_info(path: str, fmt: str | None = None,
-               snapshots_out: list[Snapshot] | None = None) -> Info:
-    """The facts ``qemu-img info --output=json`` prints for ``path`` (as a dict)."""
+               snapshots_out: list[Snapshot] | None = None,
+               access: Access | None = None) -> Info:
+    """The facts ``qemu-img info --output=json`` prints for ``path`` (as a dict).
+    ``access``: for qemu's locks (default: headers only, as qemu-img info)."""
     if not os.path.exists(path):
         raise ImageOpenError(f"Could not open '{path}': No such file or directory")
     fmt = fmt or probe_format(path)
-    f = HostFile(path, writable=False)
+    access = access if access is not None else Access(io=False)
+    try:
+        f = HostFile(path, writable=False, lock=access.image(fmt))
+    except ImageLocked as e:
+        raise e.within(f"Could not open '{path}': ") from None
     try:
         if fmt == "qcow2":
             return _qcow2_info(f, path, snapshots_out if snapshots_out is not None else [])
@@ -129,9 +136,10 @@ def image_info(path: str, fmt: str | None = None,
         f.close()
 
 
-def backing_chain(path: str, fmt: str | None = None) -> list[tuple[Info, list[Snapshot]]]:
-    """Info (and snapshots) for the image and every backing file below it; loops are
-    refused."""
+def backing_chain(path: str, fmt: str | None = None,
+                  access: Access | None = None) -> list[tuple[Info, list[Snapshot]]]:
+    """Info (and snapshots) for the image and every backing file below it, each opened
+    on its own as qemu-img info --backing-chain does; loops are refused."""
     out: list[tuple[Info, list[Snapshot]]] = []
     seen: set[tuple[int, int]] = set()
     while True:
@@ -144,7 +152,7 @@ def backing_chain(path: str, fmt: str | None = None) -> list[tuple[Info, list[Sn
         if len(out) > L.MAX_BACKING_DEPTH:
             raise ImageOpenError("backing chain too deep")
         snaps: list[Snapshot] = []
-        info = image_info(path, fmt, snaps)
+        info = image_info(path, fmt, snaps, access)
         out.append((info, snaps))
         nxt = info.get("full-backing-filename")
         if nxt is None:

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import IntEnum
 
+from nbdqcow.block.locking import Access
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.driver import Qcow2Driver
@@ -205,11 +206,11 @@ def host_runs(kinds: bytearray) -> list[tuple[int, int, Kind]]:
     return out
 
 
-def mapping_verdict(path: str) -> str | None:
+def mapping_verdict(path: str, access: Access | None = None) -> str | None:
     """The mapping line for ``nbdqcow check`` ("constant: host = guest + 0x500000" or
     "N runs, M of K clusters out of place"); None when the image cannot be walked."""
     try:
-        d = Qcow2Driver.open(path, writable=False)
+        d = Qcow2Driver.open(path, writable=False, access=access)
     except NbdqcowError:
         return None
     try:

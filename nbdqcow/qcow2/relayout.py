@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.locking import Access
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.create import Qcow2Options, create_qcow2, plan_layout
@@ -153,39 +155,52 @@ def relayout(path: str, output: str | None = None, progress: Progress | None = N
              prealloc: str | None = None, _pause: float = 0.0) -> RelayoutResult:
     """Rewrite ``path`` (or into ``output``) with host = guest + one constant."""
     target = output if output is not None else path
+    in_place = output is None or os.path.exists(output) and os.path.samefile(output, path)
+    # qemu's locks: replacing an image is writing it, so nobody else may use it meanwhile
+    # (the source with a writer's locks when it is the target, else a reader's)
+    src = Qcow2Driver.open(path, writable=False, access=Access(write=in_place))
+    guard: HostFile | None = None
+    try:
+        if not in_place and os.path.exists(target):
+            guard = HostFile(target, writable=False, lock=Access(write=True).image("qcow2"))
+        return _relayout(src, target, progress, prealloc, _pause)
+    finally:
+        if guard is not None:
+            guard.close()
+        src.close()
+
+
+def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
+              prealloc: str | None, _pause: float) -> RelayoutResult:
     tmp = tmp_path_for(target)
     if os.path.exists(tmp):
         os.unlink(tmp)  # left over by an interrupted run
-    src = Qcow2Driver.open(path, writable=False)
+    opts = _options(src, prealloc or _choose_prealloc(src), target)
+    data_offset = plan_layout(src.size, opts).data_offset or 0
+    create_qcow2(tmp, src.size, opts)
     try:
-        opts = _options(src, prealloc or _choose_prealloc(src), target)
-        data_offset = plan_layout(src.size, opts).data_offset or 0
-        create_qcow2(tmp, src.size, opts)
+        dst = Qcow2Driver.open(tmp, writable=True)
         try:
-            dst = Qcow2Driver.open(tmp, writable=True)
-            try:
-                total = dst.geo.size_to_clusters(src.size)
-                for gc in range(total):
-                    _copy_cluster(src, dst, gc)
-                    if progress is not None:
-                        progress(gc + 1, total)
-                    if _pause:
-                        time.sleep(_pause)
-            finally:
-                dst.close()
-            if os.path.exists(target):
-                os.chmod(tmp, os.stat(target).st_mode & 0o7777)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    finally:
-        src.close()
+            total = dst.geo.size_to_clusters(src.size)
+            for gc in range(total):
+                _copy_cluster(src, dst, gc)
+                if progress is not None:
+                    progress(gc + 1, total)
+                if _pause:
+                    time.sleep(_pause)
+        finally:
+            dst.close()
+        if os.path.exists(target):
+            os.chmod(tmp, os.stat(target).st_mode & 0o7777)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     os.replace(tmp, target)
     _fsync_dir(target)
     return RelayoutResult(target, total, data_offset)

@@ -302,7 +302,8 @@ def test_qemu_io_and_qemu_img(tmp_path: Path, fmt: str, tcp: bool,
         "-c", "read -P 0xbb 1M 192k", "-c", "write -z 12M 64k", "-c", "read -P 0 12M 64k",
         "-c", "flush", srv.uri)
     reference = tmp_path / "reference.raw"
-    run("qemu-img", "convert", "-f", fmt, "-O", "raw", str(img), str(reference))
+    # the image is being served writable: read it with -U, as qemu's locks require
+    run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(img), str(reference))
     # qemu-img compare over NBD against a local copy of what it should contain
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(reference), srv.uri)
     info = json.loads(run("qemu-img", "info", "--output=json", "-f", "raw", srv.uri).stdout)

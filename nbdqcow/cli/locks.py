@@ -1,0 +1,51 @@
+"""qemu's image locks on the command line: -U / --force-share, and the refusal message."""
+
+from __future__ import annotations
+
+import argparse
+
+from nbdqcow.block.locking import Access, ImageLocked
+from nbdqcow.errors import ImageOpenError
+
+U_HINT = "Use -U (--force-share) to read it anyway (the result may be inconsistent)."
+
+
+def add_force_share(p: argparse.ArgumentParser, short: bool = True) -> None:
+    """qemu-img's -U / --force-share: open read-only, sharing everything."""
+    flags = ("-U", "--force-share") if short else ("--force-share",)
+    p.add_argument(*flags, dest="force_share", action="store_true",
+                   help="open read-only without refusing anyone: share the image with "
+                        "writers (qemu's force-share); results may be inconsistent")
+
+
+def read_access(args: argparse.Namespace, io: bool = True, hint: str = U_HINT) -> Access:
+    """How a read-only inspection opens its image; a refusal then suggests ``hint``."""
+    force = bool(getattr(args, "force_share", False))
+    if not force:
+        args.lock_hint = hint
+    return Access(io=io, force_share=force)
+
+
+def locked_message(args: argparse.Namespace, e: ImageLocked) -> str:
+    """qemu's text for a refused open: "Could not open 'FILE': Failed to get "write"
+    lock / Is another process using the image [FILE]?", who holds it, and the -U hint for
+    read-only inspections (qemu-img create says "FILE: ..." instead)."""
+    file = getattr(args, "file", None) or getattr(args, "filename", None) or e.path
+    text = str(e)
+    if getattr(args, "command", None) == "create":
+        text = f"{file}: {text}"
+    elif not e.context.startswith("Could not open '"):
+        text = f"Could not open '{file}': {text}"
+    hint = getattr(args, "lock_hint", None)
+    if hint:
+        text += f"\n{hint}"
+    return text
+
+
+def write_access(args: argparse.Namespace) -> Access:
+    """How a command that modifies its image opens it (refuses -U as qemu-img does)."""
+    if getattr(args, "force_share", False):
+        file = getattr(args, "file", None) or getattr(args, "filename", None)
+        raise ImageOpenError(
+            f"Could not open '{file}': force-share=on can only be used with read-only images")
+    return Access(write=True)
