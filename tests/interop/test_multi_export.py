@@ -251,3 +251,51 @@ def test_metrics_count_what_was_sent(tmp_path: Path, images: dict[str, Path], st
     stats = json.loads(_ctl(srv.ctl, "--json", "stats", "m").stdout)
     assert stats["exports"]["m"]["requests"]["write"] == 7
     assert stats["server"]["exports"] == 2
+
+
+def _corrupt_first_cluster(img: Path) -> None:
+    """Point guest cluster 0's L2 entry far past the end of the file."""
+    b = bytearray(img.read_bytes())
+    l1 = int.from_bytes(b[40:48], "big")
+    l2 = int.from_bytes(b[l1:l1 + 8], "big") & 0x00FFFFFFFFFFFE00
+    b[l2:l2 + 8] = ((1 << 63) | (1 << 40)).to_bytes(8, "big")
+    img.write_bytes(bytes(b))
+
+
+def test_one_exports_trouble_stays_its_own(tmp_path: Path, images: dict[str, Path],
+                                           start) -> None:
+    """A corrupt image and a garbage-flooding client on one export: the other export
+    keeps serving correct data; errors are counted where they happened."""
+    import os
+    import socket
+
+    bad = tmp_path / "bad.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", str(bad), "8M")
+    subprocess.run([require_tool("qemu-io"), "-c", "write -P 4 0 64k", str(bad)], check=True,
+                   capture_output=True)
+    _corrupt_first_cluster(bad)
+    srv = start("--export", f"bad={bad}", "--export", f"good={images['q']}")
+    floods = []
+    for _ in range(4):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(srv.sock))
+        s.setblocking(False)
+        try:
+            s.send(os.urandom(1 << 16))
+        except BlockingIOError:
+            pass
+        floods.append(s)
+    r = subprocess.run([require_tool("qemu-io"), "-f", "raw", "-c", "read 0 64k",
+                        _uri(srv.sock, "bad")], capture_output=True, text=True)
+    assert "Input/output error" in r.stdout + r.stderr, r.stdout + r.stderr
+    for i in range(3):
+        _qemu_io(_uri(srv.sock, "good"), f"write -P {i + 1} {i}M 1M")
+        _qemu_io(_uri(srv.sock, "good"), f"read -P {i + 1} {i}M 1M")
+    for s in floods:
+        s.close()
+    m = srv.metrics()
+    assert m[("nbdqcow_errors_total", (("errno", "5"), ("export", "bad")))] >= 1
+    assert not any(k[0] == "nbdqcow_errors_total" and ("export", "good") in k[1] for k in m)
+    assert srv.proc.poll() is None
+    assert srv.stop() == 0
+    assert "No errors were found" in _qemu_img("check", str(images["q"]))
