@@ -25,6 +25,9 @@ class Capabilities:
     # True when pwrite(fua=True) makes the data stable by itself; else the server flushes.
     native_fua: bool = False
     cache: bool = False
+    # writes are done in units of this many bytes (unaligned ones by read-modify-write):
+    # the export's minimum block size (qemu's request_alignment)
+    request_alignment: int = 1
 
 
 class Extent(NamedTuple):

@@ -4,7 +4,8 @@ backing chain), the header, L2 tables, host cluster allocation and the mapping w
 The engine is one class built in layers, one module per path, each a subclass of the one
 before (qcow2.txt as a whole; read in this order):
 ``core`` (open, tables, allocation) -> ``reading`` -> ``writing`` (allocation on write,
-copy-on-write) -> ``zeroing`` (write-zeroes, discard) -> ``driver`` (flush, close, block
+copy-on-write) -> ``zeroing`` (write-zeroes, discard) -> ``compressing`` (compressed
+writes) -> ``driver`` (flush, close, block
 status: :class:`~nbdqcow.qcow2.driver.Qcow2Driver`, the only class others use).
 
 Concurrency: every public method takes one lock; code between two calls is atomic.

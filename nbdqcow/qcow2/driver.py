@@ -8,11 +8,11 @@ from nbdqcow.block.driver import BlockDriver, Extent
 from nbdqcow.block.ranges import check_range
 from nbdqcow.errors import ImageError
 from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.compressing import Qcow2Compressor
 from nbdqcow.qcow2.entries import SC
-from nbdqcow.qcow2.zeroing import Qcow2Zeroer
 
 
-class Qcow2Driver(Qcow2Zeroer):
+class Qcow2Driver(Qcow2Compressor):
     """A qcow2 image.  Open with :meth:`open`."""
 
     def close(self) -> None:

@@ -111,8 +111,8 @@ class Export:
             size=self.driver.size,
             flags=self.flags,
             description=self.description,
-            min_block=1,
-            pref_block=4096,
+            min_block=self.driver.caps.request_alignment,
+            pref_block=max(4096, self.driver.caps.request_alignment),
             max_block=MAX_PAYLOAD,
             contexts=self.contexts,
         )
