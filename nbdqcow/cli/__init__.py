@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nbdqcow",
         description="NBD server and qcow2 tools that never move a mapped cluster.",
     )
-    parser.add_argument("-V", "--version", action="version", version=f"nbdqcow {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"nbdqcow {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=QemuStyleParser)
     for name in _COMMANDS:

@@ -88,10 +88,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("check", help="check (and repair) an image (qemu-img check)")
     p.add_argument("-r", "--repair", choices=("leaks", "all"),
                    help="repair leaked clusters, or everything that can be repaired")
-    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human (default) or json: qemu-img check's formats")
     p.add_argument("-f", "--format", choices=("raw", "qcow2"),
                    help="image format (probed when absent)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     add_force_share(p)
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the image to check")
     p.set_defaults(func=run_check)

@@ -78,6 +78,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="do not open the backing file")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument("file", nargs="?", metavar="FILE")
+    p.add_argument("file", nargs="?", metavar="FILE", help="the image to create")
     p.add_argument("size", nargs="?", metavar="SIZE", help="size with k/M/G/T/P/E suffix")
     p.set_defaults(func=run_create)

@@ -39,10 +39,12 @@ def run_info(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser("info", help="show image facts (qemu-img info)")
-    p.add_argument("--output", choices=("human", "json"), default="human")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None)
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human (default) or json: qemu-img info's formats")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+                   help="image format (probed when absent)")
     p.add_argument("--backing-chain", action="store_true",
                    help="also describe every backing file")
     add_force_share(p)
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the image to describe")
     p.set_defaults(func=run_info)

@@ -300,5 +300,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="picture file: .svg, or .png")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the verdict")
     add_force_share(p)
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the qcow2 image to draw")
     p.set_defaults(func=run_layout)

@@ -140,9 +140,10 @@ def run_map(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser("map", help="show the image's allocation map (qemu-img map)")
-    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human (default) or json: qemu-img map's formats")
     p.add_argument("-f", "--format", choices=("raw", "qcow2"),
                    help="image format (probed when absent)")
     add_force_share(p)
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the image to map")
     p.set_defaults(func=run_map)

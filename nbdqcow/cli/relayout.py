@@ -54,10 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="write the new layout to NEWFILE instead of replacing FILE")
     p.add_argument("-p", dest="progress", action="store_true", default=None,
                    help="show a progress bar (default: on a terminal)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="never show the progress bar")
     p.add_argument("--preallocation", choices=[m for m in PREALLOC_MODES if m != "off"],
                    default=None, help="data area of the new image (default: falloc when "
                    "the old file is fully allocated, else metadata)")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
+    p.add_argument("file", metavar="FILE", help="the qcow2 image to rewrite")
     p.set_defaults(func=run_relayout)

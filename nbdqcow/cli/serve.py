@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("-c", "--connect", metavar="DEV", help="attach the image to the kernel NBD device DEV")
     a("-d", "--disconnect", metavar="DEV", help="detach the kernel NBD device DEV")
     a("--selinux-label", metavar="LABEL", help="SELinux label of the unix socket")
-    a("-V", "--version", action="version", version=f"nbdqcow {__version__}")
+    a("-V", "--version", action="version", version=f"nbdqcow {__version__}",
+      help="print the version and exit")
     a("-L", "--list", action="store_true", help="list the exports of a server (client mode)")
     a("--mapping", choices=("preserve", "release"), default=None,
       help="qcow2 mapping policy for discard and zero writes")

@@ -63,6 +63,12 @@ def apply(args: argparse.Namespace) -> int:
 
 
 # action name -> (flag, takes a snapshot name, handler)
+_HELP = {
+    "list": "list the snapshots (qemu-img snapshot -l's table)",
+    "create": "create snapshot SNAPSHOT of the current state",
+    "delete": "delete snapshot SNAPSHOT (a name or an id)",
+    "apply": "revert the disk to snapshot SNAPSHOT (a name or an id)",
+}
 _ACTIONS: dict[str, tuple[str, bool, Callable[[argparse.Namespace], int]]] = {
     "list": ("-l", False, list_snapshots),
     "create": ("-c", True, create),
@@ -83,11 +89,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("snapshot", help="internal snapshots (qemu-img snapshot)")
     for name, (flag, takes_name, _) in _ACTIONS.items():
         if takes_name:
-            p.add_argument(flag, dest=f"act_{name}", metavar="SNAPSHOT", default=None)
+            p.add_argument(flag, dest=f"act_{name}", metavar="SNAPSHOT", default=None,
+                           help=_HELP[name])
         else:
-            p.add_argument(flag, dest=f"act_{name}", action="store_true")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None)
+            p.add_argument(flag, dest=f"act_{name}", action="store_true", help=_HELP[name])
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+                   help="image format (probed when absent)")
     add_force_share(p)
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
+    p.add_argument("file", metavar="FILE", help="the qcow2 image")
     p.set_defaults(func=run_snapshot)
