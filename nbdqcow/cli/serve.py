@@ -94,8 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("-V", "--version", action="version", version=f"nbdqcow {__version__}",
       help="print the version and exit")
     a("-L", "--list", action="store_true", help="list the exports of a server (client mode)")
-    a("--mapping", choices=("preserve", "release"), default=None,
-      help="qcow2 mapping policy for discard and zero writes")
+    a("--mapping", choices=("preserve", "release", "thin"), default=None,
+      help="qcow2 mapping policy for discard and zero writes: preserve (keep mapping and "
+           "space, erase the data), release (free the cluster, punch a hole), thin (keep "
+           "the mapping, punch a hole)")
     a("--cache-size", type=_size, default=None, help="qcow2 metadata cache size")
     a("--export", action="append", default=[], metavar="NAME=FILE[,KEY=VALUE...]",
       help="serve FILE as export NAME (repeatable; KEY: the long name of a per-export "

@@ -30,7 +30,7 @@ class CreateError(NbdqcowError):
 
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
-MAPPING_POLICIES = ("preserve", "release")
+MAPPING_POLICIES = ("preserve", "release", "thin")
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _TRUE = ("on", "yes", "true", "y")
 _FALSE = ("off", "no", "false", "n")
@@ -46,7 +46,7 @@ QCOW2_OPTION_HELP: tuple[tuple[str, str, str], ...] = (
     ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
     ("extended_l2", "bool (on/off)", "Extended L2 tables"),
     ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
-    ("mapping", "str", "nbdqcow mapping policy (allowed values: preserve, release)"),
+    ("mapping", "str", "nbdqcow mapping policy (allowed values: preserve, release, thin)"),
     ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
     ("refcount_bits", "num", "Width of a reference count entry in bits"),
     ("size", "size", "Virtual disk size"),

@@ -26,6 +26,8 @@ class Qcow2Driver(Qcow2Compressor):
                         self.live_bitmaps.store()
                     if self._lazy_dirty:
                         self._set_incompat(L.INCOMPAT_DIRTY, False)
+                    if self._refcounts is not None:
+                        self._refcounts.space.trim()  # blocks claimed ahead, unused
             finally:
                 if self.data_file is not self.file:
                     self.data_file.close()

@@ -10,7 +10,6 @@ from nbdqcow.qcow2.compressed import decompress_cluster
 from nbdqcow.qcow2.core import COPIED, OFF_MASK, ZERO_FLAG, Qcow2Core
 from nbdqcow.qcow2.entries import READS_BACKING, READS_ZERO, SC, sc_range_mask
 from nbdqcow.qcow2.mapping import Run
-from nbdqcow.qcow2.policy import Policy
 
 
 class Qcow2Reader(Qcow2Core):
@@ -53,12 +52,12 @@ class Qcow2Reader(Qcow2Core):
         self.data_file.preadinto(buf, host, nowait)  # outside the lock: see pread
 
     def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
-        # Only under ``preserve``: a host cluster then keeps its guest cluster for good,
-        # so bytes a reply is still sending from the page cache can change only by a
+        # Only under ``preserve`` and ``thin``: a host cluster keeps its guest cluster for
+        # good, so bytes a reply is still sending from the page cache can change only by a
         # write to the same guest range (which overlapped the READ: NBD leaves that
         # undefined).  Under ``release`` a discarded cluster may come back holding
         # another guest range's data.
-        if self.policy is not Policy.PRESERVE or offset < 0 or length <= 0 or self.data_file.direct:
+        if not self.policy.keeps_mapping or offset < 0 or length <= 0 or self.data_file.direct:
             return None
         if offset + length > self._size:
             return None

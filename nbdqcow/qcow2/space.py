@@ -62,15 +62,15 @@ class HostSpace:
         if ws <= off <= we < end:
             self.window = (ws, end)
 
+    def claim_range(self, offset: int, length: int) -> None:
+        """Claim the blocks of a host range that stays mapped but may be a hole (the
+        ``thin`` policy punched it) before a write lands there."""
+        if self.supported and length > 0:
+            self._reserve(offset, length)
+
     def _reserve(self, offset: int, length: int) -> None:
-        try:
-            if not self.file.reserve(offset, length):
-                self.supported = False
-        except OSError as e:
-            if e.errno in _NO_SPACE:
-                raise NoSpace(f"no space left for '{self.file.path}' "
-                              f"({e.strerror})") from None
-            raise
+        if not reserve(self.file, offset, length):
+            self.supported = False
 
     # --- giving back -----------------------------------------------------------------
     def punch(self, offset: int, length: int) -> bool:
@@ -97,3 +97,13 @@ class HostSpace:
             # size drops the blocks kept there
             self.file.truncate(size)
             self.window = (min(ws, end), end)
+
+
+def reserve(file: HostFile, offset: int, length: int) -> bool:
+    """``file.reserve`` with a full file system reported as NoSpace (ENOSPC for NBD)."""
+    try:
+        return file.reserve(offset, length)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise NoSpace(f"no space left for '{file.path}' ({e.strerror})") from None
+        raise

@@ -14,6 +14,7 @@ from nbdqcow.qcow2.core import COPIED, OFF_MASK, ZERO_FLAG
 from nbdqcow.qcow2.entries import HAS_HOST, SC, sc_range_mask, std_type
 from nbdqcow.qcow2.policy import Policy
 from nbdqcow.qcow2.reading import Qcow2Reader
+from nbdqcow.qcow2.space import reserve
 from nbdqcow.qcow2.tables import store_u64
 
 if TYPE_CHECKING:
@@ -73,8 +74,9 @@ class Qcow2Writer(Qcow2Reader):
         return host
 
     def _unshare(self, pos: int, host: int) -> bool:
-        """Under ``preserve``, give snapshots their own copy so the live cluster stays."""
-        if self.policy is not Policy.PRESERVE or not self.header.nb_snapshots:
+        """Under ``preserve`` and ``thin``, give snapshots their own copy so the live
+        cluster stays."""
+        if not self.policy.keeps_mapping or not self.header.nb_snapshots:
             return False
         from nbdqcow.qcow2.unshare import move_snapshot_copy
 
@@ -166,6 +168,7 @@ class Qcow2Writer(Qcow2Reader):
             # kept cluster (zero-allocated): write in place, the rest of it reads zero
             h = e & OFF_MASK
             buf = self._cluster_image(cstart, co, piece, zero_rest=True)
+            self._claim_kept(h, cs)
             self._data_write(buf, h)
             table[idx] = h | COPIED
             self.l2_cache.mark_dirty(l2off)
@@ -174,6 +177,17 @@ class Qcow2Writer(Qcow2Reader):
         table[idx] = new | COPIED
         self.l2_cache.mark_dirty(l2off)
         self._release(e)
+
+    def _claim_kept(self, host: int, n: int) -> None:
+        """Under ``thin`` a kept cluster may have given its blocks back: claim them before
+        writing there, so that a full file system fails this write (ENOSPC) and never a
+        later flush."""
+        if self.policy is not Policy.THIN:
+            return
+        if self.data_file is self.file:
+            self.refcounts.space.claim_range(host, n)
+        else:
+            reserve(self.data_file, host, n)
 
     def _write_new_cluster(
         self, data: memoryview | bytes | bytearray, cstart: int, at: int = 0
@@ -247,6 +261,7 @@ class Qcow2Writer(Qcow2Reader):
             data = span
         if has_host:
             host = h
+            self._claim_kept(host + span_start, span_end - span_start)
             self._data_write(data, host + span_start)
         else:
             host = self._write_new_cluster(data, cstart, span_start)

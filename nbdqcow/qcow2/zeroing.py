@@ -7,7 +7,7 @@ from nbdqcow.errors import NotSupported
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.core import COPIED, OFF_MASK, ZERO_FLAG
 from nbdqcow.qcow2.entries import HAS_HOST, READS_BACKING, READS_ZERO, SC, sc_range_mask, std_type
-from nbdqcow.qcow2.policy import Op, Policy
+from nbdqcow.qcow2.policy import Op
 from nbdqcow.qcow2.writing import Qcow2Writer
 
 
@@ -96,7 +96,7 @@ class Qcow2Zeroer(Qcow2Writer):
             return self._zero_piece_ext(pos, n, op, dry)
         if not full:
             if discard:
-                return False
+                return False  # as qemu: part of a cluster is not discarded at all
             if h.version >= 3 and self._zero_whole_cluster(pos, n):
                 # as qemu: the rest of an unallocated or zero cluster reads as zero, so
                 # the whole cluster becomes a zero cluster (no data written)
@@ -124,11 +124,14 @@ class Qcow2Zeroer(Qcow2Writer):
             owned = True
         if owned and self.policy.keep_host(op):
             table[idx] = (e & OFF_MASK) | COPIED | ZERO_FLAG
+            if t is SC.NORMAL or self.policy.punch_kept(op):
+                self._wipe_kept(e & OFF_MASK, geo.cluster_size, op)
         else:
             if discard and self.backing is None:
                 table[idx] = 0
             else:
                 table[idx] = ZERO_FLAG
+            self._wipe_freed(e)
             self._release(e)
         self.l2_cache.mark_dirty(l2off)
         return False
@@ -138,8 +141,11 @@ class Qcow2Zeroer(Qcow2Writer):
         e, _ = self._entry(pos)
         owned = bool(e & COPIED) and bool(e & OFF_MASK)
         keep = owned and self.policy.keep_host(op)
-        if op is Op.DISCARD and self.policy is Policy.PRESERVE:
-            # no zero flag to mark a kept cluster: TRIM is advisory, leave it as it is
+        if op is Op.DISCARD and self.policy.keeps_mapping:
+            # no zero flag to mark a kept cluster: it stays mapped and its data is erased
+            # (zeros written, space kept: v2 has no way to mark a punched cluster)
+            if not dry and owned:
+                self._wipe_kept(e & OFF_MASK, self.geo.cluster_size, Op.WRITE_ZEROES)
             return False
         if op is Op.DISCARD and not keep:
             # reads the backing file afterwards (or zeros without one)
@@ -162,6 +168,7 @@ class Qcow2Zeroer(Qcow2Writer):
         l2off, table = self._l2_for_write(geo.offset_to_l1_index(pos))
         table[geo.offset_to_l2_index(pos)] = 0
         self.l2_cache.mark_dirty(l2off)
+        self._wipe_freed(entry)
         self._release(entry)
 
     def _zero_piece_ext(self, pos: int, n: int, op: Op, dry: bool) -> bool:
@@ -211,11 +218,41 @@ class Qcow2Zeroer(Qcow2Writer):
                 self.l2_cache.mark_dirty(l2off)
                 return slow
         if whole and has_host and not self.policy.keep_host(op):
+            self._wipe_freed(e)
             self._release(e)
             table[2 * idx] = 0
             table[2 * idx + 1] = L.L2_BITMAP_ZERO_ALL if (not discard or self.backing) else 0
         else:
             table[2 * idx + 1] = (bm & ~mask) | (mask << 32)
+            if has_host and e & COPIED:
+                self._wipe_kept((e & OFF_MASK) + (first << scb), (last_excl - first) << scb, op)
         self.l2_cache.mark_dirty(l2off)
         return slow
 
+    # ------------------------------------------------------------------ host space
+    def _wipe_kept(self, host: int, n: int, op: Op) -> None:
+        """The old data of a host range that stays mapped must not stay readable in the
+        host file: give its blocks back (``thin``: a later write claims them again) or
+        erase it in place, keeping the space (FALLOC_FL_ZERO_RANGE, or zeros written)."""
+        if self.policy.punch_kept(op) and self._punch(host, n):
+            return
+        self.data_file.zero_range(host, n)
+
+    def _wipe_freed(self, entry: int) -> None:
+        """A host cluster this image owns alone is being freed (``release``): its blocks
+        go back to the file system now.  Nothing else points to it and it cannot be
+        handed out again before the L2 update is on disk, so a crash before then shows
+        zeros where the discarded data was."""
+        h = entry & OFF_MASK
+        if not entry & COPIED or entry & L.QCOW_OFLAG_COMPRESSED:
+            return
+        if self.data_file is self.file:
+            if not h or self.refcounts.get(h >> self.geo.cluster_bits) != 1:
+                return  # shared after all (a damaged COPIED flag): leave the data alone
+        if not self._punch(h, self.geo.cluster_size):
+            self.data_file.zero_range(h, self.geo.cluster_size)
+
+    def _punch(self, host: int, n: int) -> bool:
+        if self.data_file is self.file:
+            return self.refcounts.space.punch(host, n)
+        return self.data_file.punch_hole(host, n)

@@ -12,8 +12,9 @@ Discard semantics expected (see the engine brief): units fully covered by the ra
 (clusters, subclusters for extended L2) read as zeros afterwards, except in a
 version-2 image with a backing file, where they read the backing file's data; bytes
 of partially covered units are unchanged.  Under the default "preserve" mapping
-policy a version-2 image (no zero flag) keeps discarded clusters as they are: there
-discard changes nothing.  Kinds with mapping="release" check the qemu-like policy.
+policy a version-2 image (no zero flag) keeps discarded clusters mapped and erases the
+data of those it holds alone: each fully covered unit reads either as before (nothing of
+this image there) or as zeros.  Kinds with mapping="release" check the qemu-like policy.
 
 NBDQCOW_PROPERTY_EXAMPLES / NBDQCOW_PROPERTY_STEPS scale the run (defaults keep the
 whole file under 3 minutes on 2 cores); NBDQCOW_PROPERTY_SHRINK=1/0 turns shrinking
@@ -79,7 +80,8 @@ class ImageKind:
     @property
     def discard_is_noop(self) -> bool:
         """v2 has no zero flag: under "preserve" the engine keeps discarded clusters
-        as they are (TRIM is advisory), so discard changes nothing."""
+        mapped (their data erased if this image holds it), so the model cannot say in
+        advance what a discarded unit reads: the rule checks "as before or zeros"."""
         return self.v2 and self.mapping != "release"
 
     @property
@@ -362,9 +364,26 @@ class EngineVsModel(RuleBasedStateMachine):
     @step
     def discard(self, rng: st.DataObject) -> None:
         off, length = self._range(rng, reuse_label="on-written")
+        if self.kind.discard_is_noop:
+            before = {u: self.drv.pread(u, n) for u, n in self._full_units(off, length)}
         self.drv.discard(off, length)
         self._discard_model(off, length)
+        if self.kind.discard_is_noop:
+            # v2 under "preserve": a unit this image holds data for is erased (zeros),
+            # any other one is unchanged
+            for u, n in self._full_units(off, length):
+                got = self.drv.pread(u, n)
+                assert got in (before[u], bytes(n)), (
+                    f"{self.kind.name}: discarded unit at {u} neither unchanged nor zero")
+                self.model[u : u + n] = got
         self.touched.append((off, length))
+
+    def _full_units(self, off: int, length: int) -> list[tuple[int, int]]:
+        unit = self.kind.unit
+        first = -(-off // unit) * unit
+        end = min(off + length, self.kind.size)
+        last = end // unit * unit if end < self.kind.size else end
+        return [(u, min(unit, last - u)) for u in range(first, last, unit)]
 
     @rule()
     @step
