@@ -18,6 +18,7 @@ from nbdqcow.block.driver import BlockDriver, DirtyBitmapSource
 from nbdqcow.block.locking import PERM_ALL, Access, Perm
 from nbdqcow.block.open import open_image, probe_format
 from nbdqcow.errors import NbdqcowError
+from nbdqcow.server.budget import DEFAULT_LIMIT
 from nbdqcow.server.exports import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, Export
 
 if TYPE_CHECKING:
@@ -44,6 +45,15 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _buffer_size(text: str) -> int:
+    from nbdqcow.nbd.constants import MAX_REQUEST
+
+    n = _size(text)
+    if n < MAX_REQUEST:  # the largest request must fit, or it would wait for ever
+        raise argparse.ArgumentTypeError(f"--max-buffer must be at least {MAX_REQUEST >> 20}M")
+    return n
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--control", metavar="PATH", help="control socket for `nbdqcow ctl` (nbdqcow only)")
     a("--metrics", metavar="ADDR:PORT",
       help="serve OpenMetrics statistics at http://ADDR:PORT/metrics (nbdqcow only)")
+    a("--max-buffer", type=_buffer_size, default=None, metavar="SIZE",
+      help="memory for buffered request and reply data of all clients together "
+           "(default 192M, at least 64M); clients over their share wait")
     parser.set_defaults(func=run_serve)
 
 
@@ -331,7 +344,8 @@ def _serve(args: argparse.Namespace, exports: list[Export], listeners: list[sock
                 os.dup2(devnull, fd)
             os.close(devnull)
 
-    server = NbdServer(exports, shared=args.shared, persistent=args.persistent)
+    server = NbdServer(exports, shared=args.shared, persistent=args.persistent,
+                       max_buffer=args.max_buffer or DEFAULT_LIMIT)
     if setup is not None:
         setup(server)
     try:

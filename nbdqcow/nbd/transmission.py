@@ -6,7 +6,9 @@ bytes either with ``feed(data)`` or, without copies, through ``get_buffer()`` /
 parsed out of one reusable receive buffer; a large WRITE payload is received straight
 into its own buffer.  WRITE payloads larger than ``max_payload`` are read and thrown
 away (the request comes out with ``payload=None`` so the server can answer an error
-and keep the connection).
+and keep the connection).  Before a buffer for a payload of at least ``reserve_min``
+bytes is made, ``reserve(length)`` is asked (the server's memory budget); when it says
+no, the decoder stops in front of that request (``blocked``) until ``unblock()``.
 
 ``ReplyEncoder`` builds reply headers.  Data never gets concatenated to a header: the
 shell writes the header and the payload buffers separately (``writelines``).
@@ -14,7 +16,7 @@ shell writes the header and the payload buffers separately (``writelines``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from nbdqcow.errors import RemoteProtocolError
@@ -23,7 +25,7 @@ from nbdqcow.nbd.buffers import POOL, POOL_MIN
 from nbdqcow.nbd.constants import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
-    MAX_PAYLOAD,
+    MAX_REQUEST,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
@@ -64,8 +66,10 @@ class RequestDecoder:
     def __init__(
         self,
         extended: bool = False,
-        max_payload: int = MAX_PAYLOAD,
+        max_payload: int = MAX_REQUEST,
         buffer_size: int = DEFAULT_BUFFER,
+        reserve: Callable[[int], bool] | None = None,
+        reserve_min: int = 0,
     ) -> None:
         self.extended = extended
         self.max_payload = max_payload
@@ -83,6 +87,9 @@ class RequestDecoder:
         self._pending: tuple[int, int, int, int, int] | None = None
         self._big_write = False  # the last request framed was a WRITE of >= POOL_MIN
         self.broken = False
+        self.reserve = reserve
+        self.reserve_min = reserve_min
+        self.blocked = False  # reserve() said no: stopped in front of a WRITE header
 
     # --- the BufferedProtocol interface -------------------------------------------------
     def get_buffer(self) -> memoryview:
@@ -115,7 +122,19 @@ class RequestDecoder:
             out = [Request(cmd, flags, cookie, offset, length, payload)]
             return self._parse(out)
         self._end += n
+        if self.blocked:
+            return []
         return self._parse([])
+
+    def unblock(self) -> list[Request]:
+        """Go on after ``reserve`` said no (it is asked again for the same request)."""
+        self.blocked = False
+        return self._parse([])
+
+    def close(self) -> None:
+        """Drop a partly received payload (the connection is gone)."""
+        self._payload = self._pmv = None
+        self._pending = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Request]:
         """Convenience for tests and simple callers: hand over any amount of bytes."""
@@ -173,6 +192,10 @@ class RequestDecoder:
                 out.append(Request(cmd, flags, cookie, offset, length, bytes(mv[start : start + length])))
                 start += length
                 continue
+            if self.reserve is not None and length >= self.reserve_min and not self.reserve(length):
+                self.blocked = True
+                start -= hs  # parsed again by unblock()
+                break
             payload = POOL.take(length)
             payload[:avail] = mv[start:end]
             self._payload = payload

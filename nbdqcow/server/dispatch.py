@@ -31,7 +31,7 @@ from nbdqcow.errors import (
 )
 from nbdqcow.nbd.buffers import POOL, POOL_MIN
 from nbdqcow.nbd.constants import (
-    MAX_PAYLOAD,
+    MAX_REQUEST,
     NBD_STATE_DIRTY,
     QEMU_ALLOCATION_DEPTH,
     Cmd,
@@ -86,6 +86,7 @@ _DF = int(CmdFlag.DF)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _FAST_ZERO = int(CmdFlag.FAST_ZERO)
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_READ = int(Cmd.READ)
 _WRITER_CMDS = frozenset({int(Cmd.WRITE), int(Cmd.WRITE_ZEROES), int(Cmd.TRIM)})
 _HOLE = int(StateFlag.HOLE)
 _ZERO = int(StateFlag.ZERO)
@@ -217,6 +218,7 @@ class Dispatcher:
         self.disconnecting = False
         self.tasks: set[asyncio.Task[None]] = set()  # requests waiting for overlapping ones
         self.pending = 0  # requests started and not answered yet (waiting or in a thread)
+        self._charge = 0  # budget bytes of the request being handled (handle() -> _run)
         self._nowait_misses = 0
         self._nowait_skip = 0
         df = _DF if self.structured else 0
@@ -243,7 +245,22 @@ class Dispatcher:
         }
 
     # --- entry --------------------------------------------------------------------------
-    def handle(self, req: Request) -> None:
+    def handle(self, req: Request, charge: int = 0) -> None:
+        """Answer ``req``.  ``charge``: the memory-budget bytes it holds (its WRITE
+        payload, or its READ reply); they go back when it is answered here, or travel
+        with it when it runs later."""
+        if charge:
+            self._charge = charge
+            try:
+                self._handle(req)
+            finally:
+                if self._charge:  # answered here: its reply is with the transport now
+                    self._settle(req.cmd, self._charge)
+                    self._charge = 0
+        else:
+            self._handle(req)
+
+    def _handle(self, req: Request) -> None:
         cmd = req.cmd
         handler = self._table.get(cmd)
         st = self.stats
@@ -270,6 +287,17 @@ class Dispatcher:
             self._timing = None
         if self.pending == pending:
             st.observe(cls, now_ns() - t0)
+
+    def unlink(self) -> None:
+        """The connection is gone: drop the table of bound methods (a reference cycle
+        that would keep this object, and what it refers to, until a cyclic collection)."""
+        self._table = {}
+
+    def _settle(self, cmd: int, charge: int) -> None:
+        if cmd == _READ:
+            self.flow.sent(charge)  # charged until the transport has sent it
+        else:
+            self.flow.release(charge)  # a WRITE payload: done with
 
     def _fail(self, req: Request, code: int, msg: str) -> None:
         self.stats.error(code)
@@ -320,39 +348,44 @@ class Dispatcher:
             self._started[fut] = self._timing
         tracker.add(start, end, write, fut)
         nbytes = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
+        charge, self._charge = self._charge, 0  # settled when it is answered
         self.flow.start(nbytes)
         self.pending += 1
         if waits:
-            task = self.loop.create_task(self._after(waits, req, fn, inline, fut, nbytes))
+            task = self.loop.create_task(
+                self._after(waits, req, fn, inline, fut, nbytes, charge))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         else:
-            self._start(req, fn, inline, fut, nbytes)
+            self._start(req, fn, inline, fut, nbytes, charge)
 
     async def _after(
         self, waits: list[asyncio.Future[None]], req: Request, fn: Callable[[], Reply],
-        inline: bool, fut: asyncio.Future[None], nbytes: int,
+        inline: bool, fut: asyncio.Future[None], nbytes: int, charge: int,
     ) -> None:
         try:
             for w in waits:
                 await w
         except BaseException:  # cancelled (shutdown): nothing will answer it
-            self._complete(fut, nbytes, None)
+            self._complete(fut, nbytes, None, req.cmd, charge)
             raise
-        self._start(req, fn, inline, fut, nbytes)
+        self._start(req, fn, inline, fut, nbytes, charge)
 
     def _start(
         self, req: Request, fn: Callable[[], Reply], inline: bool, fut: asyncio.Future[None],
-        nbytes: int,
+        nbytes: int, charge: int,
     ) -> None:
+        cmd = req.cmd
         if inline:
-            self._complete(fut, nbytes, self._call(req, fn))
+            self._complete(fut, nbytes, self._call(req, fn), cmd, charge)
         else:
-            lane = WRITER if req.cmd in _WRITER_CMDS else WORKERS
+            lane = WRITER if cmd in _WRITER_CMDS else WORKERS
             lane.submit(lambda: self._call(req, fn),
-                        lambda reply: self._complete(fut, nbytes, reply), self.loop)
+                        lambda reply: self._complete(fut, nbytes, reply, cmd, charge),
+                        self.loop)
 
-    def _complete(self, fut: asyncio.Future[None], nbytes: int, reply: Reply | None) -> None:
+    def _complete(self, fut: asyncio.Future[None], nbytes: int, reply: Reply | None,
+                  cmd: int = 0, charge: int = 0) -> None:
         self.pending -= 1
         timing = self._started.pop(fut, None)
         if timing is not None:
@@ -363,6 +396,8 @@ class Dispatcher:
         finally:
             fut.set_result(None)
             self.export.tracker.remove(fut)
+            if charge:
+                self._settle(cmd, charge)
             self.flow.finish(nbytes)
 
     def _try_nowait(self) -> bool:
@@ -380,9 +415,9 @@ class Dispatcher:
     # --- commands -----------------------------------------------------------------------
     def _read(self, req: Request) -> None:
         off, n = req.offset, req.length
-        if n > MAX_PAYLOAD:
+        if n > MAX_REQUEST:
             code = NBD_EOVERFLOW if req.flags & _DF else NBD_EINVAL
-            self._fail(req, code, f"read of {n} bytes is larger than {MAX_PAYLOAD}")
+            self._fail(req, code, f"read of {n} bytes is larger than {MAX_REQUEST}")
             return
         if off + n > self.size:
             self._fail(req, NBD_EINVAL, "read past the end of the export")
@@ -493,7 +528,7 @@ class Dispatcher:
     def _write(self, req: Request) -> None:
         data = req.payload
         if data is None:
-            self._fail(req, NBD_EINVAL, f"write of {req.length} bytes is larger than {MAX_PAYLOAD}")
+            self._fail(req, NBD_EINVAL, f"write of {req.length} bytes is larger than {MAX_REQUEST}")
             return
         if not self._check_write(req):
             return

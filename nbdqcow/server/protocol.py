@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, cast
 from nbdqcow.block.hostfile import pread_full
 from nbdqcow.errors import RemoteProtocolError
 from nbdqcow.nbd.buffers import Leases
+from nbdqcow.nbd.constants import MAX_REQUEST, Cmd
 from nbdqcow.nbd.handshake import ServerHandshake
 from nbdqcow.nbd.transmission import Request, RequestDecoder
+from nbdqcow.server.budget import CHARGE_MIN
 from nbdqcow.server.dispatch import Dispatcher, Leased, Reply
 from nbdqcow.server.flow import FlowControl
 
@@ -23,7 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nbdqcow.server")
 
-_HANDSHAKE_BUFFER = 64 * 1024
+_HANDSHAKE_BUFFER = 16 * 1024
+_READ = int(Cmd.READ)
+_WRITE = int(Cmd.WRITE)
 #: send buffer asked for on every client socket (replies leave without queuing in Python)
 SOCKET_BUFFER = 2 * 1024 * 1024
 JOIN_SMALL = 256 * 1024
@@ -31,6 +35,10 @@ JOIN_SMALL = 256 * 1024
 JOIN_REPLY = 64 * 1024
 #: seconds a client may take to finish the handshake (qemu-nbd's --handshake-limit)
 HANDSHAKE_LIMIT = 10.0
+
+
+def _dropped(bufs: Reply) -> None:
+    """Where replies of a closed connection go."""
 
 
 class NbdProtocol(asyncio.BufferedProtocol):
@@ -44,7 +52,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.decoder: RequestDecoder | None = None
         self.dispatcher: Dispatcher | None = None
         self.flow: FlowControl | None = None
-        self._hsbuf = memoryview(bytearray(_HANDSHAKE_BUFFER))
+        self._hsbuf = memoryview(b"")  # allocated when admitted (queued clients hold none)
         self.closed = False
         self.started = False
         self.backlog: collections.deque[Request] = collections.deque()
@@ -54,13 +62,14 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.peer = ""
         self._sockfd = -1  # the connection's socket, for sendfile
         self.leases = Leases()  # pooled READ buffers the transport may still be sending
+        self._deadline: asyncio.TimerHandle | None = None
 
     # --- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: trust the interface
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        self.flow = FlowControl(transport)
+        self.flow = FlowControl(transport, budget=self.server.budget)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -80,10 +89,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
         """Send the greeting (called when the connection is admitted)."""
         assert self.transport is not None
         self.started = True
+        self._hsbuf = memoryview(bytearray(_HANDSHAKE_BUFFER))
         self.transport.resume_reading()
         self.handshake = ServerHandshake(self.server.export_infos, lookup=self.server.lookup_info)
         self.transport.write(self.handshake.start())
-        self.loop.call_later(HANDSHAKE_LIMIT, self._handshake_deadline)
+        self._deadline = self.loop.call_later(HANDSHAKE_LIMIT, self._handshake_deadline)
         log.info("client %s connected", self.peer)
 
     @property
@@ -93,13 +103,35 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._deadline is not None:  # it would keep this connection alive 10 s more
+            self._deadline.cancel()
+            self._deadline = None
+        self._hsbuf = memoryview(b"")
         self.backlog.clear()  # nobody will read the replies: do not start more work
+        if self.decoder is not None:
+            self.decoder.close()  # a half-received WRITE payload goes now
+        self.leases = Leases()
         if self.flow is not None:
             self.flow.stopped = True
             self.flow.backlog = 0
+            self.flow.close()  # every byte it held goes back to the budget at once
             self.flow.update()  # idle once nothing is in flight
         self.server.release(self)
         log.info("client %s disconnected", self.peer)
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Break the reference cycles through bound methods, so that the connection and
+        every buffer it holds are freed now, not at some later cyclic collection."""
+        if self.flow is not None:
+            self.flow.on_capacity = None
+        if self.decoder is not None:
+            self.decoder.reserve = None
+        disp = self.dispatcher
+        if disp is not None:
+            disp.send = _dropped  # requests still running answer nobody
+            disp.send_file = None
+            disp.unlink()
 
     def eof_received(self) -> bool:
         return False
@@ -179,27 +211,69 @@ class NbdProtocol(asyncio.BufferedProtocol):
         for i, req in enumerate(reqs):
             if disp.disconnecting:
                 break
-            if flow.saturated:  # over the in-flight caps: the rest waits its turn
+            # over the in-flight caps, or no budget for it now: the rest waits its turn
+            charge = -1 if flow.saturated else self._charge(req)
+            if charge < 0:
                 self.backlog.extend(reqs[i:])
                 flow.backlog = len(self.backlog)
                 flow.update()
                 return
-            disp.handle(req)
+            disp.handle(req, charge)
         if disp.disconnecting:
             self._disconnect()
+
+    def _charge(self, req: Request) -> int:
+        """The budget bytes ``req`` holds (its WRITE payload was charged when it
+        arrived; a large READ is charged now); -1: not now (the budget said wait)."""
+        n = req.length
+        if n < CHARGE_MIN:
+            return 0
+        if req.cmd == _WRITE:
+            return n if isinstance(req.payload, bytearray) else 0
+        if req.cmd != _READ or n > MAX_REQUEST:
+            return 0
+        assert self.flow is not None
+        return n if self.flow.charge(n) else -1
+
+    def _reserve_payload(self, n: int) -> bool:
+        """The decoder is about to receive a WRITE payload of ``n`` bytes: charge it, or
+        park the decoder (no buffer, reading paused) until the budget grants it."""
+        flow = self.flow
+        assert flow is not None
+        if not self.backlog and flow.charge(n):
+            flow.parked = False
+            return True
+        flow.parked = True
+        flow.update()
+        return False
 
     def _drain(self) -> None:
         """Start backlogged requests while the caps allow (called when capacity frees)."""
         disp, flow, backlog = self.dispatcher, self.flow, self.backlog
         assert disp is not None and flow is not None
         while backlog and not flow.saturated and not disp.disconnecting:
-            disp.handle(backlog.popleft())
+            charge = self._charge(backlog[0])
+            if charge < 0:
+                break
+            disp.handle(backlog.popleft(), charge)
         flow.backlog = len(backlog)
-        flow.update()  # reading resumes once the backlog is gone
         if disp.disconnecting:
             backlog.clear()
             flow.backlog = 0
+            flow.parked = False
             self._disconnect()
+            return
+        decoder = self.decoder
+        if flow.parked and not backlog and not flow.waiting and decoder is not None:
+            flow.parked = False  # the WRITE payload the decoder waits for: ask again
+            try:
+                reqs = decoder.unblock()
+            except RemoteProtocolError as e:
+                self.abort(str(e))
+                return
+            if reqs:
+                self._handle(reqs)
+        flow.update()  # reading resumes once the backlog is gone
 
     def _handshake_data(self, data: memoryview) -> None:
         hs, transport = self.handshake, self.transport
@@ -219,7 +293,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
             if export is None:  # removed while this client negotiated
                 self.abort(f"export {neg.export.name!r} is gone")
                 return
-            self.decoder = RequestDecoder(extended=neg.extended)
+            self.decoder = RequestDecoder(extended=neg.extended, reserve=self._reserve_payload,
+                                          reserve_min=CHARGE_MIN)
             self.dispatcher = Dispatcher(export, neg, self.send, self.flow, self.loop,
                                          self.send_file)
             self.flow.on_capacity = self._drain

@@ -18,6 +18,7 @@ from typing import Any
 
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.nbd.handshake import ExportInfo
+from nbdqcow.server.budget import DEFAULT_LIMIT, MemoryBudget
 from nbdqcow.server.exports import Export
 from nbdqcow.server.protocol import NbdProtocol
 
@@ -118,6 +119,7 @@ class NbdServer:
     def __init__(
         self, exports: Sequence[Export], shared: int = 1, persistent: bool = False,
         default: str | None | _First = FIRST,
+        max_buffer: int = DEFAULT_LIMIT,
     ) -> None:
         if not exports and default is FIRST:
             raise ValueError("no exports")
@@ -137,6 +139,9 @@ class NbdServer:
         self._done: asyncio.Event | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.unix_paths: list[str] = []
+        #: buffered request and reply bytes of all connections (--max-buffer)
+        self.budget = MemoryBudget(max_buffer)
+        self._trim_pending = False
 
     # --- exports ----------------------------------------------------------------------------
     def export_infos(self) -> list[ExportInfo]:
@@ -197,6 +202,7 @@ class NbdServer:
     def release(self, proto: NbdProtocol) -> None:
         if not proto.in_transmission:
             self.handshakes_failed += 1
+        self._schedule_trim()
         if proto in self.active:
             self.active.discard(proto)
         elif proto in self.waiting:
@@ -211,6 +217,20 @@ class NbdServer:
         # LIST/INFO-only connections and failed handshakes never end it
         if not self.persistent and proto.in_transmission and not self.active:
             self.stop()
+
+    def _schedule_trim(self) -> None:
+        """Soon after a client left: give the freed heap pages back to the system (its
+        buffers went back to malloc, which keeps freed pages of its heap otherwise)."""
+        if self._trim_pending:
+            return
+        self._trim_pending = True
+
+        def trim() -> None:
+            self._trim_pending = False
+            trim_malloc()
+
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_later(0.2, trim)
 
     def negotiated(self, proto: NbdProtocol) -> None:
         """A client finished its handshake (hook for logging/tests)."""
@@ -285,6 +305,21 @@ def tune_malloc() -> None:
         return
     m_arena_max = -8
     mallopt(m_arena_max, 2)
+
+
+_malloc_trim: Callable[[int], int] | None = None
+
+
+def trim_malloc() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the system."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_trim = libc.malloc_trim
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            _malloc_trim = lambda _pad: 0  # noqa: E731
+    _malloc_trim(0)
 
 
 def install_uvloop() -> bool:

@@ -56,6 +56,9 @@ class Workers:
                 loop.call_soon_threadsafe(done, result)
             except RuntimeError:  # the loop is closed: nobody waits for the answer
                 pass
+            # an idle thread must not keep its last job (and the reply buffer it made,
+            # up to 64 MiB) alive until its next job
+            del fn, done, loop, result
 
 
 WORKERS = Workers()

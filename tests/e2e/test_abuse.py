@@ -356,22 +356,44 @@ def test_ranges_past_the_end(served: Served) -> None:
 
 
 def test_requests_over_32_mib(served: Served) -> None:
+    """READs up to 64 MiB are served (clients that skip block-size negotiation send up to
+    48 MiB); larger ones get EINVAL and the connection goes on."""
     sock = transmission(served)
     try:
-        send_request(sock, Cmd.READ, 0, 33 * MiB, cookie=1)
-        assert simple_reply(sock)[0] in (errno.EINVAL, errno.EOVERFLOW)
+        send_request(sock, Cmd.READ, 0, 48 * MiB, cookie=1)
+        error, cookie, data = simple_reply(sock, 48 * MiB)
+        assert (error, cookie) == (0, 1)
+        assert data == served.model[: 48 * MiB]
+        send_request(sock, Cmd.READ, 0, 64 * MiB + 512, cookie=2)
+        assert simple_reply(sock)[:2] in ((errno.EINVAL, 2), (errno.EOVERFLOW, 2))
         still_serves(sock, served)
         # TRIM and WRITE_ZEROES carry no payload: over 32 MiB is fine
-        send_request(sock, Cmd.WRITE_ZEROES, 40 * MiB, 20 * MiB, cookie=2)
-        assert simple_reply(sock)[:2] == (0, 2)
+        send_request(sock, Cmd.WRITE_ZEROES, 40 * MiB, 20 * MiB, cookie=3)
+        assert simple_reply(sock)[:2] == (0, 3)
+        served.model[40 * MiB : 60 * MiB] = bytes(20 * MiB)
         served.bystander_works()
     finally:
         sock.close()
 
 
-def test_write_over_32_mib_rejected_or_disconnected(served: Served) -> None:
-    """A 48 MiB WRITE: the server answers an error (after skipping the payload) or hangs
-    up; it never writes the data."""
+def test_write_of_48_mib_is_written(served: Served) -> None:
+    sock = transmission(served)
+    try:
+        data = os.urandom(MiB) * 48
+        send_request(sock, Cmd.WRITE, 8 * MiB, len(data), cookie=3)
+        sock.sendall(data)
+        assert simple_reply(sock)[:2] == (0, 3)
+        served.model[8 * MiB : 56 * MiB] = data
+        send_request(sock, Cmd.READ, 8 * MiB, len(data), cookie=4)
+        assert simple_reply(sock, len(data)) == (0, 4, data)
+        served.bystander_works()
+    finally:
+        sock.close()
+
+
+def test_write_over_64_mib_rejected_or_disconnected(served: Served) -> None:
+    """A WRITE over 64 MiB: the server answers an error (after skipping the payload) or
+    hangs up; it never writes the data."""
     sock = transmission(served)
     result: list[object] = []
 
@@ -384,9 +406,9 @@ def test_write_over_32_mib_rejected_or_disconnected(served: Served) -> None:
     reader = threading.Thread(target=collect)
     reader.start()
     try:
-        send_request(sock, Cmd.WRITE, 0, 48 * MiB, cookie=3)
+        send_request(sock, Cmd.WRITE, 0, 65 * MiB, cookie=3)
         try:
-            sock.sendall(b"\xee" * (48 * MiB))
+            sock.sendall(b"\xee" * (65 * MiB))
         except OSError:
             pass  # the server hung up
         reader.join(TIMEOUT)

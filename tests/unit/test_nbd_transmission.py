@@ -395,6 +395,7 @@ class FakeTransport:
 class FakeServer:
     def __init__(self, export: Export) -> None:
         self.export = export
+        self.budget = None  # no memory budget
 
     def export_infos(self) -> list[Any]:
         return [self.export.info()]
