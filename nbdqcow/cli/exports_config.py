@@ -172,13 +172,30 @@ def open_spec(spec: ExportSpec, shared: int, stack: contextlib.ExitStack) -> Exp
 
 
 def _apply_server_options(args: argparse.Namespace, server: Mapping[str, Any]) -> None:
-    """Config values for server-wide options the command line left at their default."""
-    defaults = {a.dest: a.default for a in _export_parser()._actions}
+    """Config values for server-wide options the command line left at their default;
+    each is parsed by ``serve``'s parser, so it means what the option means."""
+    parser = _export_parser()
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    argv: list[str] = []
     for k, v in server.items():
-        dest = k.replace("-", "_")
-        if getattr(args, dest, None) == defaults.get(dest):
-            setattr(args, dest, [v] if isinstance(defaults.get(dest), list) and
-                    not isinstance(v, list) else v)
+        action = flags.get(f"--{k}")
+        if action is None:
+            raise NbdqcowError(f"config: Invalid parameter 'server.{k}'")
+        for item in v if isinstance(v, list) else [v]:
+            if action.nargs == 0:
+                if parse_bool(_value(item), k):
+                    argv.append(f"--{k}")
+            else:
+                argv.append(f"--{k}={_value(item)}")
+    try:
+        parsed = parser.parse_args(argv)
+    except NbdqcowError as e:
+        raise NbdqcowError(f"config: {e}") from None
+    defaults = parser.parse_args([])
+    for dest, value in vars(parsed).items():
+        if value != getattr(defaults, dest) and getattr(args, dest, None) == getattr(defaults,
+                                                                                     dest):
+            setattr(args, dest, value)
 
 
 def run_multi(args: argparse.Namespace) -> int:

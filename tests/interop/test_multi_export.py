@@ -114,6 +114,7 @@ def test_three_images_from_one_process(tmp_path: Path, images: dict[str, Path],
     cfg.write_text(textwrap.dedent(f"""
         [server]
         default = "qcow"
+        max-buffer = "128M"
         [exports.qcow]
         file = "{images['q']}"
         description = "a qcow2 disk"
@@ -127,6 +128,8 @@ def test_three_images_from_one_process(tmp_path: Path, images: dict[str, Path],
                               _uri(srv.sock, "")], capture_output=True, text=True, check=True)
     got = {e["export-name"]: e.get("description") for e in json.loads(listing.stdout)["exports"]}
     assert got == {"qcow": "a qcow2 disk", "raw": "a raw disk", "chain": "a chain"}
+    # server options from the config mean what the options mean
+    assert srv.metrics()[("nbdqcow_memory_budget_limit_bytes", ())] == 128 << 20
     _qemu_io(_uri(srv.sock, "qcow"), "write -P 1 0 1M")
     _qemu_io(_uri(srv.sock, ""), "read -P 1 0 1M")  # the configured default export
     _qemu_io(_uri(srv.sock, "raw"), "write -P 2 1M 1M")
