@@ -343,3 +343,7 @@ def run(
     if use_uvloop:
         install_uvloop()
     asyncio.run(server.serve(listeners, ready))
+    # the server is ending: a SIGTERM/SIGINT now (the event loop's handlers are gone)
+    # must not kill the process while the images are closed (last flush, dirty bit)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
