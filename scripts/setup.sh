@@ -3,7 +3,7 @@
 # tools the tests compare against, and a venv (.venv) with the package + dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PKGS="qemu-utils libnbd-bin python3-libnbd nbd-client nbdkit fio e2fsprogs fuse3 python3-venv python3-pip python3-numpy"
+APT_PKGS="qemu-utils libnbd-bin python3-libnbd nbd-client nbdkit fio gnutls-bin e2fsprogs fuse3 python3-venv python3-pip python3-numpy"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

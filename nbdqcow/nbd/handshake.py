@@ -7,7 +7,14 @@ last option are in ``leftover``); when ``closed`` is true the server sends what
 ``receive`` returned and closes the connection.
 
 Options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT,
-SET_META_CONTEXT, EXTENDED_HEADERS; STARTTLS -> ERR_POLICY; anything else -> ERR_UNSUP.
+SET_META_CONTEXT, EXTENDED_HEADERS; anything else -> ERR_UNSUP.
+
+TLS: without it, STARTTLS gets ERR_POLICY (``TLS not configured``).  With ``tls=True``
+every option but STARTTLS and ABORT gets ERR_TLS_REQD until STARTTLS (EXPORT_NAME, which
+cannot be answered with an error, closes); STARTTLS is acknowledged and ``starttls``
+becomes true: the caller runs the TLS handshake on the bytes that follow (``leftover``
+holds any that already arrived) and then calls :meth:`ServerHandshake.tls_started`;
+negotiation starts over inside TLS (nothing chosen before carries over).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from nbdqcow.nbd.constants import (
 OPTION_BUFFER_LIMIT = 1 << 20
 
 _KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+#: options a server that requires TLS answers before STARTTLS
+_BEFORE_TLS = (Opt.STARTTLS, Opt.ABORT)
 
 
 @dataclass(frozen=True)
@@ -78,10 +87,14 @@ class ServerHandshake:
         *,
         allow_extended: bool = True,
         lookup: Callable[[str], ExportInfo | None] | None = None,
+        tls: bool = False,
     ) -> None:
         self._exports = exports
         self._lookup = lookup
         self.allow_extended = allow_extended
+        self.tls = tls
+        self.tls_active = False
+        self.starttls = False  # STARTTLS acknowledged: the TLS handshake comes next
         self._buf = bytearray()
         self._state = "flags"
         self._option = 0
@@ -136,11 +149,11 @@ class ServerHandshake:
 
     def receive(self, data: bytes | bytearray | memoryview) -> bytes:
         """Consume client bytes; return the bytes to send."""
-        if self.done or self.closed:
+        if self.done or self.closed or self.starttls:
             self.leftover += bytes(data)
             return b""
         self._buf += data
-        while not (self.done or self.closed):
+        while not (self.done or self.closed or self.starttls):
             if self._state == "skip":
                 n = min(len(self._buf), self._skip_left)
                 del self._buf[:n]
@@ -154,12 +167,23 @@ class ServerHandshake:
             chunk = bytes(self._buf[: self._need])
             del self._buf[: self._need]
             self._step(chunk)
-        if self.done:
+        if self.done or self.starttls:
             self.leftover = bytes(self._buf)
             self._buf.clear()
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: negotiate again, from a clean state."""
+        self.starttls = False
+        self.tls_active = True
+        self.leftover = b""
+        self.structured = False
+        self.extended = False
+        self._meta.clear()
+        self._meta_export = None
+        self._expect_option()
 
     def _close(self, reason: str) -> None:
         self.closed = True
@@ -201,6 +225,13 @@ class ServerHandshake:
 
     def _dispatch(self, data: bytes) -> None:
         self._expect_option()
+        if self.tls and not self.tls_active and self._option not in _BEFORE_TLS:
+            if self._option == Opt.EXPORT_NAME:
+                self._close("option NBD_OPT_EXPORT_NAME not permitted before TLS")
+                return
+            self._reply(Rep.ERR_TLS_REQD,
+                        f"Option {self._option:#x} not permitted before TLS".encode())
+            return
         handler = self._handlers.get(self._option)
         if handler is None:
             self._reply(Rep.ERR_UNSUP)
@@ -229,7 +260,15 @@ class ServerHandshake:
         self._close("client aborted the negotiation")
 
     def _opt_starttls(self, data: bytes) -> None:
-        self._reply(Rep.ERR_POLICY, b"TLS is not supported by this server")
+        if not self.tls:
+            self._reply(Rep.ERR_POLICY, b"TLS not configured")
+        elif self.tls_active:
+            self._reply(Rep.ERR_INVALID, b"TLS already enabled")
+        elif data:
+            raise _Bad("NBD_OPT_STARTTLS takes no data")
+        else:
+            self._reply(Rep.ACK)
+            self.starttls = True
 
     def _opt_list(self, data: bytes) -> None:
         if data:

@@ -1,0 +1,179 @@
+"""TLS between a socket transport and an NBD protocol object, after STARTTLS.
+
+:class:`TlsLayer` is both the raw transport's protocol (ciphertext in) and the
+transport the NBD protocol writes to (plaintext out): the protocol keeps its code and
+only swaps its ``transport``.  The TLS work is a sans-I/O session from
+:mod:`nbdqcow.tls.session`.  Under TLS, replies cannot leave through sendfile (no
+kernel TLS here): every byte is encrypted by OpenSSL in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from nbdqcow.tls.session import TlsClosed, TlsError, TlsSession
+
+_RAW_BUFFER = 256 * 1024
+
+
+class _App(Protocol):
+    def get_buffer(self, sizehint: int) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+
+class TlsLayer(asyncio.BufferedProtocol):
+    """Raw side: a BufferedProtocol.  App side: the subset of ``asyncio.Transport``
+    the NBD protocol uses."""
+
+    def __init__(self, raw: asyncio.Transport, session: TlsSession, app: _App,
+                 on_ready: Callable[[TlsSession], str | None]) -> None:
+        self.raw = raw
+        self.session = session
+        self.app = app
+        self.on_ready = on_ready  # returns a refusal reason, or None to go on
+        self.on_failure: Callable[[str], None] | None = None
+        self.ready = False
+        self._buf = memoryview(bytearray(_RAW_BUFFER))
+        self._paused = False
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # --- raw side ------------------------------------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.feed(self._buf[:nbytes])
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            return
+        self.session.feed(data)
+        if not self.ready:
+            try:
+                done = self.session.handshake()
+            except TlsError as e:
+                self._flush()
+                self._fail(f"TLS handshake failed: {e}")
+                return
+            self._flush()
+            if not done:
+                return
+            refusal = self.on_ready(self.session)
+            if refusal is not None:
+                self._fail(refusal)
+                return
+            self.ready = True
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand decrypted bytes to the app while it reads."""
+        session, app = self.session, self.app
+        while not self._paused and not self._closed:
+            buf = app.get_buffer(-1)
+            try:
+                n = session.read_into(buf)
+            except TlsClosed:
+                self._flush()
+                self.close()
+                return
+            except TlsError as e:
+                self._fail(f"TLS error: {e}")
+                return
+            if n <= 0:
+                break
+            app.buffer_updated(n)
+        self._flush()  # TLS 1.3 key updates / tickets
+
+    def _flush(self) -> None:
+        out = self.session.take()
+        if out and not self.raw.is_closing():
+            self.raw.write(out)
+
+    def _fail(self, reason: str) -> None:
+        self._closed = True
+        if self.on_failure is not None:
+            self.on_failure(reason)
+        self.raw.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.app.resume_writing()
+
+    # --- app side (transport interface) ------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed or self.raw.is_closing():
+            return
+        try:
+            self.session.write(data)
+        except TlsError as e:
+            self._fail(f"TLS error: {e}")
+            return
+        self._flush()
+
+    def writelines(self, bufs: Iterable[bytes | bytearray | memoryview]) -> None:
+        if self._closed or self.raw.is_closing():
+            return
+        try:
+            for b in bufs:
+                self.session.write(b)
+        except TlsError as e:
+            self._fail(f"TLS error: {e}")
+            return
+        self._flush()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.session.close()  # close_notify
+            self._flush()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        self.raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._closed or self.raw.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.raw.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.raw.set_write_buffer_limits(high=high, low=low)
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.raw.resume_reading()
+            self._loop.call_soon(self._pump)
+
+    def is_reading(self) -> bool:
+        return not self._paused
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "tls_session":
+            return self.session
+        return self.raw.get_extra_info(name, default)

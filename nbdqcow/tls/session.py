@@ -1,0 +1,192 @@
+"""Sans-I/O TLS sessions over memory buffers: ciphertext in with :meth:`feed`, out with
+:meth:`take`; plaintext through :meth:`read_into` and :meth:`write`.
+
+Two engines behind one interface: :class:`SslSession` (Python's :mod:`ssl`, x509 and
+anonymous credentials) and :class:`OpenSslSession` (pyOpenSSL, PSK).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from nbdqcow.errors import NbdqcowError
+
+
+class TlsError(NbdqcowError):
+    """The TLS handshake or a TLS record failed (bad certificate, wrong key, ...)."""
+
+
+class TlsClosed(Exception):
+    """The peer ended the TLS session (close_notify)."""
+
+
+class TlsSession(Protocol):
+    """What the I/O layers need from a TLS session."""
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def handshake(self) -> bool: ...
+
+    def read_into(self, buf: memoryview) -> int: ...
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def take(self) -> bytes: ...
+
+    def pending(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def peer_identity(self) -> str | None: ...
+
+    def describe(self) -> str: ...
+
+
+class SslSession:
+    """:class:`ssl.SSLObject` on two :class:`ssl.MemoryBIO`."""
+
+    def __init__(self, ctx: ssl.SSLContext, server_side: bool,
+                 hostname: str | None = None,
+                 identity: Callable[[ssl.SSLObject], str | None] | None = None) -> None:
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
+                                 server_hostname=hostname)
+        self._identity = identity
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._in.write(data)
+
+    def handshake(self) -> bool:
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError as e:
+            raise TlsError(_ssl_reason(e)) from None
+        return True
+
+    def read_into(self, buf: memoryview) -> int:
+        try:
+            return self._obj.read(len(buf), buf)
+        except ssl.SSLWantReadError:
+            return 0
+        except ssl.SSLZeroReturnError:
+            raise TlsClosed() from None
+        except ssl.SSLError as e:
+            raise TlsError(_ssl_reason(e)) from None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._obj.write(data)
+        except ssl.SSLError as e:
+            raise TlsError(_ssl_reason(e)) from None
+
+    def take(self) -> bytes:
+        return self._out.read()
+
+    def pending(self) -> int:
+        return self._out.pending
+
+    def close(self) -> None:
+        try:
+            self._obj.unwrap()
+        except ssl.SSLError:
+            pass
+
+    def peer_identity(self) -> str | None:
+        return self._identity(self._obj) if self._identity is not None else None
+
+    def describe(self) -> str:
+        return f"{self._obj.version()} {(self._obj.cipher() or ('?',))[0]}"
+
+
+def _ssl_reason(e: ssl.SSLError) -> str:
+    reason = getattr(e, "reason", None)
+    verify = getattr(e, "verify_message", None)
+    text = str(reason or e.strerror or e).replace("_", " ").lower()
+    return f"{text}: {verify}" if verify else text
+
+
+class OpenSslSession:
+    """pyOpenSSL's ``Connection`` on memory BIOs (``Connection(ctx, None)``)."""
+
+    def __init__(self, conn: Any, identity: Callable[[], str | None]) -> None:
+        from OpenSSL import SSL
+
+        self._SSL = SSL
+        self._conn = conn
+        self._identity = identity
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._conn.bio_write(bytes(data))
+
+    def handshake(self) -> bool:
+        SSL = self._SSL
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        except SSL.Error as e:
+            raise TlsError(_openssl_reason(e)) from None
+        return True
+
+    def read_into(self, buf: memoryview) -> int:
+        SSL = self._SSL
+        try:
+            return int(self._conn.recv_into(buf, len(buf)))
+        except SSL.WantReadError:
+            return 0
+        except SSL.ZeroReturnError:
+            raise TlsClosed() from None
+        except SSL.Error as e:
+            raise TlsError(_openssl_reason(e)) from None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        SSL = self._SSL
+        view = memoryview(data)
+        try:
+            while view:
+                n = self._conn.send(view)
+                view = view[n:]
+        except SSL.Error as e:
+            raise TlsError(_openssl_reason(e)) from None
+
+    def take(self) -> bytes:
+        SSL = self._SSL
+        n = self._conn.pending_bio() if hasattr(self._conn, "pending_bio") else 0
+        chunks = []
+        while True:
+            try:
+                chunk = self._conn.bio_read(max(n, 1 << 20))
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def pending(self) -> int:
+        return 1  # unknown: callers take() and check for b""
+
+    def close(self) -> None:
+        SSL = self._SSL
+        try:
+            self._conn.shutdown()
+        except SSL.Error:
+            pass
+
+    def peer_identity(self) -> str | None:
+        return self._identity()
+
+    def describe(self) -> str:
+        return f"{self._conn.get_protocol_version_name()} {self._conn.get_cipher_name()}"
+
+
+def _openssl_reason(e: Exception) -> str:
+    args = e.args[0] if e.args else None
+    if isinstance(args, list) and args and isinstance(args[0], tuple):
+        return "; ".join(str(a[-1]) for a in args)
+    return str(e) or type(e).__name__
