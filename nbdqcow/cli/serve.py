@@ -104,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("-V", "--version", action="version", version=f"nbdqcow {__version__}",
       help="print the version and exit")
     a("-L", "--list", action="store_true", help="list the exports of a server (client mode)")
+    from nbdqcow.cli.tlsopts import add_tls_arguments
+
+    add_tls_arguments(parser)
     a("--mapping", choices=("preserve", "release", "thin"), default=None,
       help="qcow2 mapping policy for discard and zero writes: preserve (keep mapping and "
            "space, erase the data), release (free the cluster, punch a hole), thin (keep "
@@ -197,6 +200,9 @@ def run_serve(args: argparse.Namespace) -> int:
         from nbdqcow.cli.kernel_nbd import disconnect
 
         return disconnect(args.disconnect)
+    from nbdqcow.cli.tlsopts import tls_settings
+
+    args.tls = tls_settings(args, "client" if args.list else "server")
     if args.list:
         return run_list(args)
     if args.selinux_label is not None:
@@ -344,8 +350,14 @@ def _serve(args: argparse.Namespace, exports: list[Export], listeners: list[sock
                 os.dup2(devnull, fd)
             os.close(devnull)
 
+    from nbdqcow.server.serve import HANDSHAKE_LIMIT, TlsConfig
+
+    creds, authz = args.tls
     server = NbdServer(exports, shared=args.shared, persistent=args.persistent,
-                       max_buffer=args.max_buffer or DEFAULT_LIMIT)
+                       max_buffer=args.max_buffer or DEFAULT_LIMIT,
+                       tls=TlsConfig(creds, authz) if creds is not None else None,
+                       handshake_limit=HANDSHAKE_LIMIT if args.handshake_limit is None
+                       else args.handshake_limit)
     if setup is not None:
         setup(server)
     try:

@@ -19,6 +19,8 @@ from nbdqcow.nbd.transmission import Request, RequestDecoder
 from nbdqcow.server.budget import CHARGE_MIN
 from nbdqcow.server.dispatch import Dispatcher, Leased, Reply
 from nbdqcow.server.flow import FlowControl
+from nbdqcow.server.tlslayer import TlsLayer
+from nbdqcow.tls.session import TlsSession
 
 if TYPE_CHECKING:
     from nbdqcow.server.serve import NbdServer
@@ -33,8 +35,6 @@ SOCKET_BUFFER = 2 * 1024 * 1024
 JOIN_SMALL = 256 * 1024
 #: a reply's data up to this size is joined to its header (one small copy, one write)
 JOIN_REPLY = 64 * 1024
-#: seconds a client may take to finish the handshake (qemu-nbd's --handshake-limit)
-HANDSHAKE_LIMIT = 10.0
 
 
 def _dropped(bufs: Reply) -> None:
@@ -91,9 +91,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.started = True
         self._hsbuf = memoryview(bytearray(_HANDSHAKE_BUFFER))
         self.transport.resume_reading()
-        self.handshake = ServerHandshake(self.server.export_infos, lookup=self.server.lookup_info)
+        self.handshake = ServerHandshake(self.server.export_infos, lookup=self.server.lookup_info,
+                                         tls=self.server.tls is not None)
         self.transport.write(self.handshake.start())
-        self._deadline = self.loop.call_later(HANDSHAKE_LIMIT, self._handshake_deadline)
+        limit = self.server.handshake_limit
+        if limit > 0:
+            self._deadline = self.loop.call_later(limit, self._handshake_deadline)
         log.info("client %s connected", self.peer)
 
     @property
@@ -147,7 +150,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _handshake_deadline(self) -> None:
         if self.decoder is None and not self.closed and self.transport is not None:
-            log.warning("client %s: handshake not finished in %gs", self.peer, HANDSHAKE_LIMIT)
+            log.warning("client %s: handshake not finished in %gs", self.peer,
+                        self.server.handshake_limit)
             self.transport.close()
 
     def abort(self, reason: str) -> None:
@@ -286,6 +290,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
             log.info("client %s: %s", self.peer, hs.close_reason)
             transport.close()
             return
+        if hs.starttls:
+            self._start_tls(hs.leftover)
+            return
         if hs.done:
             neg = hs.result
             assert neg is not None and self.flow is not None
@@ -306,6 +313,35 @@ class NbdProtocol(asyncio.BufferedProtocol):
                     self.abort(str(e))
                     return
                 self._handle(reqs)
+
+    # --- TLS --------------------------------------------------------------------------------
+    def _start_tls(self, early: bytes) -> None:
+        """STARTTLS was acknowledged: the rest of the connection goes through TLS."""
+        tls, raw = self.server.tls, self.transport
+        assert tls is not None and raw is not None and self.flow is not None
+        layer = TlsLayer(raw, tls.creds.session(), self, self._tls_ready)
+        layer.on_failure = self._tls_failed
+        raw.set_protocol(layer)
+        self.transport = cast(asyncio.Transport, layer)
+        self.flow.transport = self.transport
+        self._sockfd = -1  # no sendfile: every byte is encrypted
+        if early:
+            layer.feed(early)
+
+    def _tls_ready(self, session: TlsSession) -> str | None:
+        """The TLS handshake succeeded: authorize the peer, then negotiate again."""
+        tls, hs = self.server.tls, self.handshake
+        assert tls is not None and hs is not None
+        identity = session.peer_identity()
+        if tls.authz is not None and (identity is None or not tls.authz.is_allowed(identity)):
+            return f"TLS {tls.creds.kind} authz check for {identity} is denied"
+        hs.tls_started()
+        log.info("client %s: TLS established (%s, %s)", self.peer, session.describe(),
+                 identity or "no identity")
+        return None
+
+    def _tls_failed(self, reason: str) -> None:
+        log.warning("client %s: %s", self.peer, reason)
 
     # --- writing ----------------------------------------------------------------------------
     def send(self, bufs: Reply) -> None:

@@ -15,16 +15,30 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
+from dataclasses import dataclass
 
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.nbd.handshake import ExportInfo
 from nbdqcow.server.budget import DEFAULT_LIMIT, MemoryBudget
 from nbdqcow.server.exports import Export
 from nbdqcow.server.protocol import NbdProtocol
+from nbdqcow.tls.authz import Authz
+from nbdqcow.tls.creds import TlsCreds
 
 log = logging.getLogger("nbdqcow.server")
 
 DEFAULT_PORT = 10809
+#: seconds a client may take to finish the handshake, TLS included (qemu-nbd's
+#: --handshake-limit; 0 = no limit)
+HANDSHAKE_LIMIT = 10.0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``--tls-creds`` (server endpoint) and ``--tls-authz``."""
+
+    creds: TlsCreds
+    authz: Authz | None = None
 SD_LISTEN_FDS_START = 3
 
 
@@ -120,9 +134,12 @@ class NbdServer:
         self, exports: Sequence[Export], shared: int = 1, persistent: bool = False,
         default: str | None | _First = FIRST,
         max_buffer: int = DEFAULT_LIMIT,
+        tls: TlsConfig | None = None, handshake_limit: float = HANDSHAKE_LIMIT,
     ) -> None:
         if not exports and default is FIRST:
             raise ValueError("no exports")
+        self.tls = tls
+        self.handshake_limit = handshake_limit
         self.exports = list(exports)
         #: the export the empty name selects: FIRST (qemu-nbd: the one export), a name,
         #: or None (none: several exports and no default configured)

@@ -70,7 +70,7 @@ class SslSession:
 
     def read_into(self, buf: memoryview) -> int:
         try:
-            return self._obj.read(len(buf), buf)
+            return int(self._obj.read(len(buf), buf))
         except ssl.SSLWantReadError:
             return 0
         except ssl.SSLZeroReturnError:

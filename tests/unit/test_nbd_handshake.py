@@ -96,7 +96,62 @@ def test_unknown_option_is_unsupported_and_negotiation_goes_on() -> None:
 
 def test_starttls_policy() -> None:
     out = replies(hs().receive(opt(OPT_STARTTLS)))
-    assert out[0][:2] == (OPT_STARTTLS, REP_ERR_POLICY)
+    assert out[0] == (OPT_STARTTLS, REP_ERR_POLICY, b"TLS not configured")
+
+
+REP_ERR_TLS_REQD = ERR + 5
+
+
+def tls_hs() -> ServerHandshake:
+    h = ServerHandshake([FOO, BAR], tls=True)
+    h.start()
+    h.receive(struct.pack(">I", 3))
+    return h
+
+
+def test_tls_required_before_starttls() -> None:
+    h = tls_hs()
+    out = replies(h.receive(opt(OPT_LIST) + opt(OPT_GO, info_req("foo"))
+                            + opt(OPT_STRUCTURED)))
+    assert [(o, t) for o, t, _ in out] == [(OPT_LIST, REP_ERR_TLS_REQD),
+                                           (OPT_GO, REP_ERR_TLS_REQD),
+                                           (OPT_STRUCTURED, REP_ERR_TLS_REQD)]
+    assert not h.done and not h.closed and not h.starttls
+
+
+def test_tls_export_name_before_starttls_closes() -> None:
+    h = tls_hs()
+    assert h.receive(opt(OPT_EXPORT_NAME, b"foo")) == b""
+    assert h.closed and not h.done
+
+
+def test_tls_abort_before_starttls() -> None:
+    h = tls_hs()
+    assert replies(h.receive(opt(OPT_ABORT))) == [(OPT_ABORT, REP_ACK, b"")]
+    assert h.closed
+
+
+def test_starttls_then_negotiation_restarts() -> None:
+    h = tls_hs()
+    # the client's first TLS bytes may already follow the option
+    out = replies(h.receive(opt(OPT_STRUCTURED) + opt(OPT_STARTTLS) + b"\x16\x03"))
+    assert [t for _, t, _ in out] == [REP_ERR_TLS_REQD, REP_ACK]
+    assert h.starttls and h.leftover == b"\x16\x03"
+    assert h.receive(b"\x01") == b"" and h.leftover == b"\x16\x03\x01"
+    h.tls_started()
+    assert not h.starttls and h.tls_active and h.leftover == b""
+    out = replies(h.receive(opt(OPT_STARTTLS)))
+    assert out[0][:2] == (OPT_STARTTLS, REP_ERR_INVALID)
+    assert not h.structured  # nothing from before TLS carries over
+    out = replies(h.receive(opt(OPT_GO, info_req("bar"))))
+    assert out[-1][1] == REP_ACK and h.done and h.result is not None
+    assert h.result.export.name == "bar"
+
+
+def test_starttls_with_data_is_invalid() -> None:
+    h = tls_hs()
+    out = replies(h.receive(opt(OPT_STARTTLS, b"x")))
+    assert out[0][:2] == (OPT_STARTTLS, REP_ERR_INVALID) and not h.starttls
 
 
 def test_list_with_descriptions() -> None:
