@@ -14,8 +14,8 @@ import signal
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.nbd.handshake import ExportInfo
