@@ -393,6 +393,9 @@ class FakeTransport:
 
 
 class FakeServer:
+    tls = None
+    handshake_limit = 10.0
+
     def __init__(self, export: Export) -> None:
         self.export = export
         self.budget = None  # no memory budget
