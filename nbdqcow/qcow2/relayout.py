@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdqcow.block.hostfile import HostFile
-from nbdqcow.block.locking import Access
+from nbdqcow.block.locking import Access, ImageLocked
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.create import Qcow2Options, create_qcow2, plan_layout
@@ -162,7 +162,11 @@ def relayout(path: str, output: str | None = None, progress: Progress | None = N
     guard: HostFile | None = None
     try:
         if not in_place and os.path.exists(target):
-            guard = HostFile(target, writable=False, lock=Access(write=True).image("qcow2"))
+            try:
+                guard = HostFile(target, writable=False,
+                                 lock=Access(write=True).image("qcow2"))
+            except ImageLocked as e:
+                raise e.within(f"Could not open '{target}': ") from None
         return _relayout(src, target, progress, prealloc, _pause)
     finally:
         if guard is not None:

@@ -346,7 +346,7 @@ def test_modifying_commands_refused_while_nbdqcow_serves(
     out = tmp_path / "other.qcow2"
     ok(qemu("qemu-img", "create", "-q", "-f", "qcow2", str(out), "1M"))
     refused(nbdqcow("relayout", "-O", str(img), str(out)),
-            f"nbdqcow: Could not open '{out}': Failed to get \"write\" lock", img)
+            f"nbdqcow: Could not open '{img}': Failed to get \"write\" lock", img)
     assert sha(img) == before
     if ro:  # readers are welcome
         ok(nbdqcow("info", str(img)))
