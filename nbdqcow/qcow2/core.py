@@ -305,10 +305,18 @@ class Qcow2Core:
         self.file.pwrite(store_u64(table), offset)
 
     def _before_l2_store(self) -> None:
+        """Before any L2 table is written (a flush, or an eviction in the middle of an
+        operation): the refcounts that count what its entries point to, and the guest
+        data those entries point to, are on disk."""
         rc = self._refcounts
         if rc is not None and rc.dirty:
             rc.flush()
-            self.file.sync()
+        self._sync_files()
+
+    def _sync_files(self) -> None:
+        if self.data_file is not self.file:
+            self.data_file.sync()
+        self.file.sync()
 
     def _guard_metadata_write(self, offset: int) -> None:
         if offset < self.geo.cluster_size:

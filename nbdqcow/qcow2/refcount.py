@@ -2,7 +2,8 @@
 blocks and table growth (qcow2.txt "Host cluster management").
 
 Write ordering: increments reach the file (``flush``) before any L2/L1 entry that points
-to a new cluster; decrements are queued (``free_later``) and applied only after the
+to a new cluster; a new refcount block is synced before the table entry that points to
+it; decrements are queued (``free_later``) and applied only after the
 tables that stopped pointing to those clusters are on disk (``apply_frees``).
 """
 
@@ -241,6 +242,8 @@ class Refcounts:
         """Write dirty refcount blocks, then the table. True if anything was written."""
         wrote = self.cache.write_back()
         if self.table_dirty:
+            # a new refcount block is on disk before the table entry that points to it
+            self.file.sync()
             self.file.pwrite(store_u64(self.table), self.table_offset)
             self.table_dirty = False
             wrote = True

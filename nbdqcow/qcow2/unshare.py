@@ -6,8 +6,19 @@ the file.  Under the ``preserve`` policy the live image keeps its host cluster i
 the old data is copied to a new cluster *for the snapshots*, their L2 entries are
 repointed, and only then does the live write land in place.
 
-Crash safety: the copy and the new snapshot L2 entries reach the file (synced) before
-the live cluster's refcount drops and before any live data is written over it.
+Crash safety (every intermediate state on disk has only leaked clusters, never a
+refcount below its references nor a stale COPIED flag; checked by the power-loss tier,
+tests/e2e/test_power_loss.py):
+
+1. pending changes of the live tables are flushed first (the live image's copy of a
+   shared L2 table and its L1 entry are on disk before any snapshot table is changed:
+   until then the live L1 still reaches the old table);
+2. the copy is written and counted for the snapshots AND the live entry (refcount
+   refs + 1); the snapshot entries and the live entry (without COPIED) are repointed to
+   it, all synced;
+3. the old cluster's refcount drops to 1 (nothing points to it: a leak at worst);
+4. the live entry goes back to the old cluster with COPIED (synced);
+5. the copy's refcount drops by the live entry's share.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ def move_snapshot_copy(drv: Qcow2Driver, guest_pos: int, host: int) -> bool:
     idx = geo.offset_to_l2_index(guest_pos)
     word = idx * geo.l2_entry_words
     rc = drv.refcounts
+    drv._flush()  # the live tables as they are now: on disk (step 1)
     refcount = rc.effective(host >> cb)
     tables: dict[int, int] = {}  # snapshot L2 table offset -> number of L1s reaching it
     for l1_off, l1_size in snapshot_l1_tables(drv):
@@ -77,19 +89,29 @@ def move_snapshot_copy(drv: Qcow2Driver, guest_pos: int, host: int) -> bool:
         if rc.effective(l2off >> cb) != n:
             return False
     new = rc.alloc(1) << cb
-    if refs > 1:
-        rc.update(new >> cb, refs - 1)
+    rc.update(new >> cb, refs)  # the snapshots' references and (for now) the live one
     try:
         drv.file.pwrite(drv.file.pread(geo.cluster_size, host), new)
     except BaseException:
-        rc.update(new >> cb, -refs)
+        rc.update(new >> cb, -refs - 1)
         raise
     for l2off in tables:
         t = drv.l2_cache.get(l2off)
         t[word] = (t[word] & ~L.L2E_OFFSET_MASK) | new
         drv.l2_cache.mark_dirty(l2off)
-    drv._flush()  # copy, refcounts, then snapshot L2 tables: all on disk and synced
-    rc.update(host >> cb, -refs)
+    live_off, live = drv._l2_for_write(l1i)
+    entry = live[word]
+    live[word] = (entry & ~L.L2E_OFFSET_MASK & ~L.QCOW_OFLAG_COPIED) | new
+    drv.l2_cache.mark_dirty(live_off)
+    drv._flush()  # copy, its refcount, then the L2 tables: on disk and synced
+    rc.update(host >> cb, -refs)  # only the live entry will point to it again
+    rc.flush()
+    drv.file.sync()
+    live_off, live = drv._l2_for_write(l1i)
+    live[word] = entry | L.QCOW_OFLAG_COPIED
+    drv.l2_cache.mark_dirty(live_off)
+    drv._flush()
+    rc.update(new >> cb, -1)
     rc.flush()
     drv.file.sync()
     return True

@@ -281,8 +281,9 @@ class Qcow2Writer(Qcow2Reader):
         if rc is not None and rc.dirty:
             rc.flush()
         if self.l2_cache.has_dirty or self.l1_dirty:
-            self._sync()
-            self.l2_cache.write_back()
+            # data and refcounts before the L2 entries (the write-back hook syncs them)
+            if not self.l2_cache.write_back():
+                self._before_l2_store()
             if self.l1_dirty:
                 self._sync()
                 self._write_l1()
