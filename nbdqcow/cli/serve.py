@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="serve OpenMetrics statistics at http://ADDR:PORT/metrics (nbdqcow only)")
     a("--max-buffer", type=_buffer_size, default=None, metavar="SIZE",
       help="memory for buffered request and reply data of all clients together "
-           "(default 192M, at least 64M); clients over their share wait")
+           "(default 128M, at least 64M); clients over their share wait")
     parser.set_defaults(func=run_serve)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 #: from malloc's heap and are bounded per connection by flow control)
 CHARGE_MIN = 256 * 1024
 #: the default limit (``--max-buffer``)
-DEFAULT_LIMIT = 192 * 1024 * 1024
+DEFAULT_LIMIT = 128 * 1024 * 1024
 
 
 class Account:
