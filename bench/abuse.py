@@ -1,7 +1,7 @@
 """Abusive NBD traffic on raw sockets, and a good client checked while it runs.
 
 Used by ``bench/memory.py --abuse`` (peak RSS of qemu-nbd and nbdqcow on the same
-traffic) and by ``tests/e2e/test_memory_budget.py``:
+traffic) and by ``tests/e2e/test_abuse_memory.py``:
 
 - *flooders*: connections that send large READs (32 MiB by default) as fast as the
   server takes them and never read a reply (a tiny receive buffer);
