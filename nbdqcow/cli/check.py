@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from nbdqcow.block.driver import BlockDriver
 from nbdqcow.block.hostfile import HostFile
-from nbdqcow.block.locking import Access
+from nbdqcow.block.locking import Access, ImageLocked
 from nbdqcow.block.open import probe_format
 from nbdqcow.cli.locks import add_force_share, read_access, write_access
-from nbdqcow.errors import ImageOpenError
+from nbdqcow.errors import ImageOpenError, NbdqcowError
 from nbdqcow.qcow2.check import CheckResult, check_file
 from nbdqcow.qcow2.info import qemu_order, to_json
 
@@ -59,7 +61,12 @@ def run_check(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ImageOpenError(f"Could not open '{args.file}': {e.strerror}") from None
     try:
-        res = check_file(file, args.file, args.repair)
+        backing = _open_backing_chain(file, args.file, access)
+        try:
+            res = check_file(file, args.file, args.repair)
+        finally:
+            if backing is not None:
+                backing.close()
     finally:
         file.close()
     for line in res.messages:
@@ -73,6 +80,26 @@ def run_check(args: argparse.Namespace) -> int:
         sys.stdout.write(human_report(res, bool(res.leaks_fixed or res.corruptions_fixed)))
         sys.stdout.write(mapping_line(args.file, Access(force_share=access.force_share)))
     return res.exit_code
+
+
+def _open_backing_chain(file: HostFile, path: str, access: Access) -> BlockDriver | None:
+    """qemu-img check opens the backing chain with the image, so the chain's locks are
+    taken and tested too (a layer another process writes refuses the check, in qemu's
+    words).  A chain that cannot be opened for any other reason is left alone: the check
+    itself reads only the image."""
+    from nbdqcow.qcow2.backing import open_backing
+    from nbdqcow.qcow2.check.stored import read_header
+
+    try:
+        h = read_header(file)
+        if not h.backing_file:
+            return None
+        return open_backing(path, h.backing_file, h.backing_format,
+                            (os.path.realpath(path),), access.backing())
+    except ImageLocked:
+        raise
+    except (NbdqcowError, OSError, ValueError):
+        return None
 
 
 def mapping_line(path: str, access: Access | None = None) -> str:

@@ -302,9 +302,14 @@ def test_a_served_backing_file_is_locked_as_qemu_locks_it(
         s.stop()
     # and a writer of the backing file keeps the image from being opened through it
     with qemu_io_holding(str(img)):
-        res = nbdqcow("map", str(top))
-        refused(res, f"nbdqcow: Could not open '{top}': Could not open backing file: "
-                     'Failed to get shared "write" lock', img)
+        for cmd in ("map", "check"):
+            refused(qemu("qemu-img", cmd, str(top)),
+                    f"qemu-img: Could not open '{top}': Could not open backing file: "
+                    'Failed to get shared "write" lock', img)
+            refused(nbdqcow(cmd, str(top)),
+                    f"nbdqcow: Could not open '{top}': Could not open backing file: "
+                    'Failed to get shared "write" lock', img)
+        ok(nbdqcow("check", "-U", str(top)))
 
 
 # ------------------------------------------------------------------ nbdqcow against nbdqcow

@@ -159,3 +159,14 @@ def test_holder_is_named(img: str) -> None:
         assert p.stdin is not None
         p.stdin.close()
         p.wait(10)
+
+
+def test_fdinfo_lock_lines_are_matched_by_file_and_byte(img: str) -> None:
+    st = os.stat(img)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    text = (f"pos:\t0\nflags:\t02100002\nlock:\t1: OFDLCK ADVISORY  READ -1 {dev} 100 101\n"
+            f"lock:\t2: OFDLCK ADVISORY  READ -1 {dev} 203 EOF\n"
+            f"lock:\t3: OFDLCK ADVISORY  READ -1 00:01:{st.st_ino + 1} 201 201\n")
+    assert lk._holds(text, st, 100) and lk._holds(text, st, 101)
+    assert not lk._holds(text, st, 102) and not lk._holds(text, st, 201)
+    assert lk._holds(text, st, 1 << 40)  # up to the end of the file
