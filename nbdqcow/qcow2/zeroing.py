@@ -41,11 +41,15 @@ class Qcow2Zeroer(Qcow2Writer):
         end = offset + length
         pos = offset
         slow = False
-        while pos < end:
-            c_end = min(end, (pos | (cs - 1)) + 1)
-            full = (pos & (cs - 1)) == 0 and (c_end - pos == cs or c_end == self._size)
-            slow |= self._zero_piece(pos, c_end - pos, full, op, dry)
-            pos = c_end
+        self._wipes = []
+        try:
+            while pos < end:
+                c_end = min(end, (pos | (cs - 1)) + 1)
+                full = (pos & (cs - 1)) == 0 and (c_end - pos == cs or c_end == self._size)
+                slow |= self._zero_piece(pos, c_end - pos, full, op, dry)
+                pos = c_end
+        finally:
+            self._run_wipes()
         return slow
 
     def _reads_zero(self, pos: int, n: int) -> bool:
@@ -230,13 +234,29 @@ class Qcow2Zeroer(Qcow2Writer):
         return slow
 
     # ------------------------------------------------------------------ host space
+    # Host ranges to punch (True) or zero (False), queued while a request walks its
+    # clusters and done at its end: one system call per contiguous host run (a punch
+    # per cluster costs ~2 ms on ext4 once the data was written back).
+    _wipes: list[list[int]]
+
+    def _queue_wipe(self, punch: bool, host: int, n: int) -> None:
+        w = self._wipes
+        if w and w[-1][0] == punch and w[-1][1] + w[-1][2] == host:
+            w[-1][2] += n
+        else:
+            w.append([punch, host, n])
+
+    def _run_wipes(self) -> None:
+        wipes, self._wipes = self._wipes, []
+        for punch, host, n in wipes:
+            if not (punch and self._punch(host, n)):
+                self.data_file.zero_range(host, n)
+
     def _wipe_kept(self, host: int, n: int, op: Op) -> None:
         """The old data of a host range that stays mapped must not stay readable in the
         host file: give its blocks back (``thin``: a later write claims them again) or
         erase it in place, keeping the space (FALLOC_FL_ZERO_RANGE, or zeros written)."""
-        if self.policy.punch_kept(op) and self._punch(host, n):
-            return
-        self.data_file.zero_range(host, n)
+        self._queue_wipe(self.policy.punch_kept(op), host, n)
 
     def _wipe_freed(self, entry: int) -> None:
         """A host cluster this image owns alone is being freed (``release``): its blocks
@@ -249,8 +269,7 @@ class Qcow2Zeroer(Qcow2Writer):
         if self.data_file is self.file:
             if not h or self.refcounts.get(h >> self.geo.cluster_bits) != 1:
                 return  # shared after all (a damaged COPIED flag): leave the data alone
-        if not self._punch(h, self.geo.cluster_size):
-            self.data_file.zero_range(h, self.geo.cluster_size)
+        self._queue_wipe(True, h, self.geo.cluster_size)
 
     def _punch(self, host: int, n: int) -> bool:
         if self.data_file is self.file:
