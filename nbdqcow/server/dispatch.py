@@ -70,6 +70,13 @@ NOWAIT_MAX = 4 * 1024 * 1024
 #: after this many misses in a row (cold data, O_DIRECT) stop trying for a while
 NOWAIT_MISSES = 4
 NOWAIT_PAUSE = 64
+#: a small READ answered on the event loop that took longer than this waited for the
+#: disk: the next small READs try the page cache only (RWF_NOWAIT) and go to a worker
+#: thread when they would wait, so that cold reads reach the disk with the client's
+#: queue depth instead of one at a time
+COLD_READ_NS = 150_000
+#: small READs served that way after the last one that missed the page cache
+COLD_SPAN = 256
 #: structured READs at least this large look for holes through block status (smaller
 #: ones are read and sent as one hole when they are all zeroes)
 HOLE_SCAN_MIN = INLINE_LIMIT
@@ -221,6 +228,7 @@ class Dispatcher:
         self._charge = 0  # budget bytes of the request being handled (handle() -> _run)
         self._nowait_misses = 0
         self._nowait_skip = 0
+        self._cold = 0  # > 0: small READs try RWF_NOWAIT first (see COLD_READ_NS)
         df = _DF if self.structured else 0
         pl = _PAYLOAD_LEN if neg.extended else 0
         self._allowed: dict[int, int] = {
@@ -424,7 +432,11 @@ class Dispatcher:
             return
         read = self._read_structured if self.structured else self._read_simple
         if n < INLINE_LIMIT and not self.export.tracker.ops:  # the common case, directly
-            self.send(self._call(req, read, req, False))
+            self._read_small(req, read)
+            return
+        if n < INLINE_LIMIT and self._cold:  # cold data: never wait for the disk here
+            self._run(req, off, off + n, False, lambda: read(req, False), False,
+                      lambda: read(req, True))
             return
 
         def attempt() -> Reply | None:
@@ -432,6 +444,29 @@ class Dispatcher:
 
         self._run(req, off, off + n, False, lambda: read(req, False), n < INLINE_LIMIT,
                   attempt if n <= NOWAIT_MAX else None)
+
+    def _read_small(self, req: Request, read: Callable[[Request, bool], Reply]) -> None:
+        """A small READ on the event loop.  Warm data: read right here.  After a read
+        that waited for the disk (cold data): try the page cache only and hand a miss
+        to a worker thread, so the loop never waits for the disk while other requests
+        could be under way."""
+        if not self._cold:
+            t0 = now_ns()
+            self.send(self._call(req, read, req, False))
+            if now_ns() - t0 > COLD_READ_NS:
+                self._cold = COLD_SPAN
+            return
+        try:
+            reply = read(req, True)
+        except WouldBlock:
+            self._cold = COLD_SPAN
+            off, n = req.offset, req.length
+            self._run(req, off, off + n, False, lambda: read(req, False), False)
+            return
+        except Exception as e:
+            reply = self._error_reply(req, e)
+        self._cold -= 1
+        self.send(reply)
 
     def _read_spliced(self, req: Request) -> bool:
         """Answer a large READ with sendfile(2) from the page cache when its data is
@@ -455,7 +490,11 @@ class Dispatcher:
         """The data of [off, off+n): fresh bytes when small, else a pooled buffer (its
         reply goes out as Leased).  A WouldBlock gives the pooled buffer straight back."""
         if n < POOL_MIN:
-            return self.driver.pread(off, n)
+            if not nowait:
+                return self.driver.pread(off, n)
+            small = bytearray(n)
+            self.driver.preadinto(off, memoryview(small), True)
+            return small
         buf = POOL.take(n)
         try:
             self.driver.preadinto(off, memoryview(buf), nowait)

@@ -15,8 +15,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-#: threads at most (cold reads from a disk overlap up to this many)
-MAX_THREADS = 16
+#: threads at most (cold reads from a disk overlap up to this many; qemu-nbd's pool
+#: has 64 too); started only when a job finds no idle thread
+MAX_THREADS = 64
 
 Job = tuple[Callable[[], Any], Callable[[Any], None], asyncio.AbstractEventLoop]
 

@@ -10,6 +10,7 @@ import collections
 import errno
 import os
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -330,6 +331,35 @@ def test_cold_reads_stop_the_nowait_tries_for_a_while() -> None:
     assert simple_errors(sent) == [0] * len(reqs)
     assert drv.nowait_calls.count(True) == NOWAIT_MISSES
     assert drv.nowait_calls.count(False) == len(reqs)
+
+
+class SlowDriver(MemDriver):
+    """A driver whose plain reads wait like a disk would."""
+
+    def pread(self, offset: int, length: int) -> bytes:
+        time.sleep(0.002)
+        return super().pread(offset, length)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_small_reads_after_one_that_waited_go_to_threads(structured: bool) -> None:
+    """Warm small reads are read on the event loop without a nowait try; once one has
+    waited for the disk, the next ones try the page cache only and go to a thread on a
+    miss (and still return the right data)."""
+    drv = SlowDriver(1 << 20)
+    drv.data[:] = bytes(range(256)) * (len(drv.data) // 256)
+    drv.cold = True
+    reqs = [Request(READ, 0, i, 4096 * i + 1, 4000, None) for i in range(6)]
+    sent, _ = run_requests(reqs, structured=structured, drv=drv)
+    assert len(sent) == len(reqs)
+    for s in sent:
+        cookie = struct.unpack_from(">Q", s, 8 if structured else 8)[0]
+        off = 4096 * cookie + 1
+        assert s[-4000:] == drv.data[off:off + 4000]
+    assert drv.nowait_calls.count(True) >= 1  # the reads after the first slow one
+    warm = MemDriver(1 << 20)
+    run_requests(reqs, structured=structured, drv=warm)
+    assert warm.nowait_calls == []  # warm: plain reads on the loop, no nowait tries
 
 
 def test_structured_read_of_zeroes_is_a_hole() -> None:
