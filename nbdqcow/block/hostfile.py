@@ -213,3 +213,43 @@ class HostFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# --- whole files: probing, syncing, replacing (kept here so that this module stays the
+# only code touching image files; the power-loss tests check it) -----------------------
+def read_head(path: str, length: int) -> tuple[bytes, int]:
+    """The first ``length`` bytes of ``path`` (fewer if it is shorter) and its size;
+    no locks (a probe, as qemu's)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return os.pread(fd, length, 0), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def sync_path(path: str) -> None:
+    """fsync a file (or a directory: makes a rename or creation in it durable)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(src: str, dst: str) -> None:
+    """Rename ``src`` over ``dst`` and make the rename durable (the directory synced)."""
+    os.replace(src, dst)
+    sync_path(os.path.dirname(os.path.abspath(dst)) or ".")
+
+
+def remove_file(path: str) -> None:
+    """Remove ``path`` if it exists."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def copy_mode(src: str, dst: str) -> None:
+    """Give ``dst`` the permission bits of ``src``."""
+    os.chmod(dst, os.stat(src).st_mode & 0o7777)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from nbdqcow.block.driver import BlockDriver
+from nbdqcow.block.hostfile import read_head
 from nbdqcow.block.locking import Access
 from nbdqcow.block.raw import RawDriver
 from nbdqcow.errors import ImageOpenError
@@ -15,8 +16,7 @@ QCOW2_MAGIC = b"QFI\xfb"
 def probe_format(path: str) -> str:
     """'qcow2' when the file starts with the qcow2 magic, else 'raw'."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
+        head = read_head(path, 4)[0]
     except OSError as e:
         raise ImageOpenError(f"could not open '{path}': {e.strerror}") from None
     return "qcow2" if head == QCOW2_MAGIC else "raw"

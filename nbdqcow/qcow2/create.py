@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.hostfile import HostFile, read_head
 from nbdqcow.block.locking import Access, LockMode, create_mode
 from nbdqcow.errors import ImageOpenError, NbdqcowError
 from nbdqcow.qcow2 import layout as L
@@ -486,11 +486,8 @@ def backing_size(image_path: str, backing: str, fmt: str) -> int:
 
     real = _resolve(image_path, backing)
     try:
-        with open(real, "rb") as fh:
-            if fmt == "qcow2":
-                head = fh.read(1 << L.MAX_CLUSTER_BITS)
-                return parse_header(head, os.fstat(fh.fileno()).st_size).size
-            return os.fstat(fh.fileno()).st_size
+        head, file_size = read_head(real, 1 << L.MAX_CLUSTER_BITS if fmt == "qcow2" else 0)
+        return parse_header(head, file_size).size if fmt == "qcow2" else file_size
     except OSError as e:
         raise CreateError(f"Could not open '{backing}': {e.strerror}") from None
     except ImageOpenError as e:

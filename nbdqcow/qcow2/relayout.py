@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nbdqcow.block.hostfile import HostFile
+from nbdqcow.block.hostfile import HostFile, copy_mode, remove_file, replace_file, sync_path
 from nbdqcow.block.locking import Access, ImageLocked
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.qcow2 import layout as L
@@ -143,14 +143,6 @@ def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int
     dst.file.pwrite(data, host)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def relayout(path: str, output: str | None = None, progress: Progress | None = None,
              prealloc: str | None = None, _pause: float = 0.0) -> RelayoutResult:
     """Rewrite ``path`` (or into ``output``) with host = guest + one constant."""
@@ -177,8 +169,7 @@ def relayout(path: str, output: str | None = None, progress: Progress | None = N
 def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
               prealloc: str | None, _pause: float) -> RelayoutResult:
     tmp = tmp_path_for(target)
-    if os.path.exists(tmp):
-        os.unlink(tmp)  # left over by an interrupted run
+    remove_file(tmp)  # left over by an interrupted run
     opts = _options(src, prealloc or _choose_prealloc(src), target)
     data_offset = plan_layout(src.size, opts).data_offset or 0
     create_qcow2(tmp, src.size, opts)
@@ -195,16 +186,10 @@ def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
         finally:
             dst.close()
         if os.path.exists(target):
-            os.chmod(tmp, os.stat(target).st_mode & 0o7777)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            copy_mode(target, tmp)
+        sync_path(tmp)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_file(tmp)
         raise
-    os.replace(tmp, target)
-    _fsync_dir(target)
+    replace_file(tmp, target)
     return RelayoutResult(target, total, data_offset)

@@ -40,7 +40,8 @@ HOSTFILE = os.path.join("nbdqcow", "block", "hostfile.py")
 
 @dataclass
 class Event:
-    """One logged change (or marker).  ``kind``: write, trunc, falloc, sync, mark."""
+    """One logged change (or marker).  ``kind``: write, trunc, falloc, sync, rename
+    (``data``: the new path), unlink, mark."""
 
     kind: str
     path: str = ""
@@ -195,6 +196,31 @@ class Recorder:
                 return fd
             return f
 
+        def by_path(what: str, rename: bool = False) -> Callable[[Any], Any]:
+            def make(orig: Any) -> Any:
+                def f(src: Any, *a: Any, **k: Any) -> Any:
+                    paths = [src, a[0]] if rename else [src]
+                    tracked = [os.path.realpath(p) for p in paths
+                               if isinstance(p, str) and os.path.realpath(p) in rec.paths]
+                    real_src = os.path.realpath(src) if isinstance(src, str) else None
+                    r = orig(src, *a, **k)
+                    for p in tracked:
+                        rec._caller_ok(p, what)
+                    if rename and isinstance(a[0], str) and real_src in rec.paths:
+                        rec.paths.add(os.path.realpath(a[0]))
+                        rec.events.append(Event("rename", real_src, data=os.path.realpath(
+                            a[0]).encode()))
+                    elif what == "unlink" and tracked:
+                        rec.events.append(Event("unlink", tracked[0]))
+                    return r
+                return f
+            return make
+
+        self._wrap(os, "replace", by_path("rename", rename=True))
+        self._wrap(os, "rename", by_path("rename", rename=True))
+        self._wrap(os, "unlink", by_path("unlink"))
+        self._wrap(os, "remove", by_path("unlink"))
+        self._wrap(os, "chmod", by_path("chmod"))
         self._wrap(os, "pwrite", pwrite)
         self._wrap(os, "pwritev", pwritev)
         self._wrap(os, "write", write)
@@ -227,6 +253,13 @@ Selection = list[tuple[Event, "set[int] | None"]]  # event, pieces applied (None
 
 def apply(files: dict[str, bytearray], ev: Event, pieces: set[int] | None = None) -> None:
     """Apply one change to ``files`` (``pieces``: only those sector pieces of it)."""
+    if ev.kind == "rename":
+        if ev.path in files:
+            files[ev.data.decode()] = files.pop(ev.path)
+        return
+    if ev.kind == "unlink":
+        files.pop(ev.path, None)
+        return
     buf = files.setdefault(ev.path, bytearray())
     if ev.kind == "write":
         if pieces is None:
@@ -262,7 +295,7 @@ def _put(buf: bytearray, off: int, data: bytes) -> None:
 def replay_all(base: dict[str, bytes | None], events: list[Event]) -> dict[str, bytearray]:
     files = {p: bytearray(b) for p, b in base.items() if b is not None}
     for ev in events:
-        if ev.kind in ("write", "trunc", "falloc"):
+        if ev.kind not in ("sync", "mark"):
             apply(files, ev)
     return files
 
@@ -290,6 +323,8 @@ def crash_points(base: dict[str, bytes | None], events: list[Event]) -> Iterator
             for e in pending.pop(ev.path, []):
                 apply(durable, e)
             order = [e for e in order if e.path != ev.path]
+        elif ev.kind in ("rename", "unlink"):
+            raise ValueError("crash states across renames and removals are not modelled")
         elif ev.kind != "mark":
             pending.setdefault(ev.path, []).append(ev)
             order.append(ev)

@@ -93,7 +93,12 @@ KINDS = [
     Kind("v3-64k-release", "cluster_size=65536", mapping="release"),
     Kind("v3-1k-release-smallcache", "cluster_size=1024,refcount_bits=16", mapping="release",
          cache_size=4 * KiB, max_len=8 * KiB),
+    Kind("v3-64k-thin", "cluster_size=65536", mapping="thin", prefill=512 * KiB),
+    # internal snapshot: "preserve" moves the snapshot's copy (unshare.py), "release"
+    # copies on write as qemu; the snapshot must read back unchanged in every state
     Kind("snapshot-v3-64k", "cluster_size=65536", prefill=1 * MiB, snapshot=True),
+    Kind("snapshot-v3-64k-release", "cluster_size=65536", prefill=1 * MiB, snapshot=True,
+         mapping="release"),
 ]
 
 
@@ -128,12 +133,12 @@ def qemu_read(img: Path, out: Path) -> bytes | str:
     return data
 
 
-def engine_read(img: Path, writable: bool) -> bytes | str:
+def engine_read(img: Path, writable: bool, snapshot: str | None = None) -> bytes | str:
     from nbdqcow.errors import NbdqcowError
     from nbdqcow.qcow2.driver import Qcow2Driver
 
     try:
-        drv = Qcow2Driver.open(str(img), writable=writable)
+        drv = Qcow2Driver.open(str(img), writable=writable, snapshot=snapshot)
         try:
             return bytes(drv.pread(0, drv.size))
         finally:
@@ -301,7 +306,9 @@ class Tally:
 
 
 class Checker:
-    def __init__(self, tmp: Path, img: Path, size: int) -> None:
+    def __init__(self, tmp: Path, img: Path, size: int, snapshot: bytes | None = None
+                 ) -> None:
+        self.snapshot = snapshot  # what snapshot "snap1" holds (never changes)
         self.dir = tmp / "crash"
         self.dir.mkdir()
         self.img_name = img.name
@@ -336,6 +343,8 @@ class Checker:
             return mine, got
         if mine != got:
             return "the engine and qemu-img convert read different content", got
+        if self.snapshot is not None and engine_read(img, False, "snap1") != self.snapshot:
+            return "the internal snapshot does not read as it was taken", got
         if reopen:
             t.reopened += 1
             mine = engine_read(img, writable=True)
@@ -405,13 +414,18 @@ def power_loss_run(kind: Kind, tmp: Path, budget: int, seed: int,
     final = qemu_read(img, tmp / "final.raw")
     if final != run.final:
         failures.append("the final image does not read as the model")
+    if kind.snapshot:
+        snap = tmp / "snap.raw"
+        must(["qemu-img", "convert", "-l", "snap1", "-O", "raw", str(img), str(snap)])
+        if snap.read_bytes() != content:
+            failures.append("qemu-img reads the internal snapshot changed")
     if kind.expect_growth:
         assert struct.unpack_from(">Q", real, 48) != struct.unpack_from(">Q", start_header, 48), (
             "the refcount table did not grow: the kind does not test what it claims")
 
     points = list(crash_points(rec.base, rec.events))
     t = Tally(points=len(points))
-    checker = Checker(tmp, img, len(content))
+    checker = Checker(tmp, img, len(content), content if kind.snapshot else None)
     for n, (cp, name, sel) in enumerate(plan_states(points, budget, rng)):
         t.states += 1
         files = build(cp, sel)
@@ -471,3 +485,49 @@ def test_guest_data_is_on_disk_before_an_evicted_l2_table(tmp_path: Path) -> Non
     script = [{"op": "write", "off": k * 32 * KiB + 512, "len": 512, "seed": k, "fua": False}
               for k in range(6)]
     _scripted(kind, tmp_path, [*script, {"op": "flush"}])
+
+
+# ------------------------------------------------------------------ the recorder's premise
+def test_only_hostfile_touches_image_files(tmp_path: Path) -> None:
+    """Every change to an image file -- creating it, opening and closing it, writes
+    that allocate L2 tables and grow the refcount table, internal snapshots (create,
+    writes that move the snapshot's copy, apply, delete), check -r, relayout (temporary
+    file, rename) -- goes through nbdqcow/block/hostfile.py, and replaying what the
+    recorder saw gives the files exactly."""
+    require_tool("qemu-img")
+    from nbdqcow.qcow2.check import check_image
+    from nbdqcow.qcow2.create import Qcow2Options, create_qcow2
+    from nbdqcow.qcow2.driver import Qcow2Driver
+    from nbdqcow.qcow2.relayout import relayout, tmp_path_for
+    from nbdqcow.qcow2.snapshot_ops import apply_snapshot, create_snapshot, delete_snapshot
+
+    img, out = tmp_path / "img.qcow2", tmp_path / "out.qcow2"
+    paths = [str(img), str(out), tmp_path_for(str(img)), tmp_path_for(str(out))]
+    rng = random.Random(5)
+    with Recorder(paths) as rec:
+        create_qcow2(str(img), 4 * MiB, Qcow2Options(cluster_bits=9, refcount_order=6))
+        drv = Qcow2Driver.open(str(img), writable=True, cache_size=2 * KiB)
+        for k in range(70):  # 70 x 32 KiB at 512-byte clusters: past 2 MiB of host file
+            drv.pwrite(rng.randbytes(32 * KiB), k * 32 * KiB % (4 * MiB - 32 * KiB))
+        drv.flush()
+        drv.close()
+        create_snapshot(str(img), "s1")
+        drv = Qcow2Driver.open(str(img), writable=True)  # preserve: moves the snapshot's copy
+        drv.pwrite(b"x" * 700, 1000)
+        drv.discard(64 * KiB, 64 * KiB)
+        drv.write_zeroes(256 * KiB, 8 * KiB)
+        drv.close()
+        apply_snapshot(str(img), "s1")
+        delete_snapshot(str(img), "s1")
+        check_image(str(img), repair="all")
+        relayout(str(img), str(out))
+        relayout(str(img))
+    assert not rec.violations, rec.violations
+    replayed = replay_all(rec.base, rec.events)
+    for p in (img, out):
+        assert bytes(replayed[os.path.realpath(p)]) == p.read_bytes(), f"{p.name}: replay differs"
+    assert struct.unpack_from(">Q", img.read_bytes(), 48)[0] > 0
+    for p in (img, out):
+        assert qemu_check(p) is None
+    kinds = {e.kind for e in rec.events}
+    assert {"write", "sync", "trunc", "rename"} <= kinds, kinds
