@@ -36,6 +36,7 @@ from nbdqcow.qcow2.mapping import Run, iter_runs
 from nbdqcow.qcow2.policy import DEFAULT_POLICY, Policy
 from nbdqcow.qcow2.refcount import Refcounts
 from nbdqcow.qcow2.scancache import ScanCache
+from nbdqcow.qcow2.space import reserve
 from nbdqcow.qcow2.tables import load_u64, store_u64
 
 if TYPE_CHECKING:
@@ -382,6 +383,8 @@ class Qcow2Core:
 
     def _alloc_data_cluster(self, guest_cluster_offset: int) -> int:
         if self.header.has_data_file:
+            # not refcounted, but its space is claimed all the same (see space.py)
+            reserve(self.data_file, guest_cluster_offset, self.geo.cluster_size)
             return guest_cluster_offset
         return self.refcounts.alloc(1) << self.geo.cluster_bits
 

@@ -7,7 +7,7 @@ from nbdqcow.errors import NotSupported
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.core import COPIED, OFF_MASK, ZERO_FLAG
 from nbdqcow.qcow2.entries import HAS_HOST, READS_BACKING, READS_ZERO, SC, sc_range_mask, std_type
-from nbdqcow.qcow2.policy import Op
+from nbdqcow.qcow2.policy import Op, Policy
 from nbdqcow.qcow2.writing import Qcow2Writer
 
 
@@ -128,7 +128,8 @@ class Qcow2Zeroer(Qcow2Writer):
             owned = True
         if owned and self.policy.keep_host(op):
             table[idx] = (e & OFF_MASK) | COPIED | ZERO_FLAG
-            if t is SC.NORMAL or self.policy.punch_kept(op):
+            if t is SC.NORMAL or self.policy is Policy.THIN:
+                # (thin: a kept zero cluster may be a hole; NO_HOLE claims it again)
                 self._wipe_kept(e & OFF_MASK, geo.cluster_size, op)
         else:
             if discard and self.backing is None:

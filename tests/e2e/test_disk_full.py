@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from loopfs import small_ext4
+from loopfs import fill, small_ext4
 from tooling import ServerFactory, require_tool
 
 from nbdqcow.errors import RemoteError
@@ -122,3 +122,43 @@ def test_disk_full_qemu_nbd(qemu_nbd_server: ServerFactory, tmp_path: Path,
                             sigterm_full: bool) -> None:
     """The reference: qemu-nbd passes the same scenario and checks."""
     _scenario(qemu_nbd_server, tmp_path, 65536, sigterm_full, ())
+
+
+def test_disk_full_thin_rewrite(nbdqcow_server: ServerFactory, tmp_path: Path) -> None:
+    """Under --mapping=thin a trimmed cluster keeps its offset but gives its blocks back:
+    rewriting it on a full disk must fail that write with ENOSPC (its blocks are claimed
+    before the write), and a SIGTERM still leaves a clean image with every acknowledged
+    write in it."""
+    require_tool("qemu-img")
+    with small_ext4(tmp_path) as mnt:
+        image = mnt / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"],
+                       check=True)
+        served = nbdqcow_server(image, "-f", "qcow2", "-t", "--mapping=thin",
+                                "--discard=unmap")
+        c = SyncClient(served.uri)
+        try:
+            rng = random.Random(5)
+            c.pwrite(rng.randbytes(16 << 20), 0)
+            c.flush()
+            c.trim(0, 16 << 20)
+            c.flush()
+            fill(mnt / "filler")
+            acked: dict[int, bytes] = {}
+            errors: dict[int, int] = {}
+            for off in range(0, 16 << 20, 64 * 1024):
+                data = rng.randbytes(BLOCK)
+                try:
+                    c.pwrite(data, off)
+                    acked[off] = data
+                except RemoteError as e:
+                    errors[e.code] = errors.get(e.code, 0) + 1
+            assert errors and set(errors) == {errno.ENOSPC}, errors
+            assert served.stop(signal.SIGTERM) == 0, served.log.read_text()[-2000:]
+        finally:
+            try:
+                c.close()
+            except (OSError, RemoteError, ConnectionError, EOFError):
+                pass
+        _check_clean(image)
+        _check_data(image, tmp_path / "out.raw", acked)
