@@ -34,6 +34,11 @@ class ReadOnlyImage(ImageError):
     """A write was attempted on an image opened read-only (or marked corrupt)."""
 
 
+class WriteRefused(ImageError):
+    """A write the image refuses to protect data (block 0 of a probed raw image that
+    would then probe as another format): EPERM, as qemu answers."""
+
+
 class OutOfRange(ImageError):
     """A request lies (partly) outside the image."""
 
@@ -88,6 +93,7 @@ NBD_ESHUTDOWN = 108
 
 _ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (ReadOnlyImage, NBD_EPERM),
+    (WriteRefused, NBD_EPERM),
     (NoSpace, NBD_ENOSPC),
     (OutOfRange, NBD_EINVAL),
     (InvalidRequest, NBD_EINVAL),

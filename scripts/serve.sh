@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 IMAGE="${1:-}"
 PORT="${2:-10809}"
 BIND="${BIND:-127.0.0.1}"
+# the format of an image this script created; an image given by the user is probed
+# (a probed raw image gets qemu-nbd's block-0 protection and warning)
+FORMAT_ARGS=()
 bash scripts/setup.sh
 if [ -z "$IMAGE" ]; then
   IMAGE=demo/demo.qcow2
@@ -18,6 +21,7 @@ if [ -z "$IMAGE" ]; then
     fi
     echo "serve: created demo image $IMAGE (1 GiB qcow2)"
   fi
+  FORMAT_ARGS=(-f qcow2)  # the demo image is always this script's qcow2
 fi
 if [ ! -e "$IMAGE" ]; then
   if [ -z "${SIZE:-}" ]; then
@@ -27,6 +31,7 @@ if [ ! -e "$IMAGE" ]; then
   mkdir -p "$(dirname "$IMAGE")"
   .venv/bin/nbdqcow create -q -f qcow2 "$IMAGE" "$SIZE"
   echo "serve: created $IMAGE ($SIZE qcow2)"
+  FORMAT_ARGS=(-f qcow2)
 fi
 URI="nbd://$BIND:$PORT"
 cat <<MSG
@@ -39,4 +44,5 @@ serve: serving $IMAGE at $URI  (Ctrl-C to stop)
   mkdir -p /tmp/nbd && nbdfuse /tmp/nbd/disk $URI &   # the export as a file
                                         # (unmount: fusermount3 -u /tmp/nbd)
 MSG
-exec .venv/bin/nbdqcow serve -t -e 0 --discard=unmap -A -b "$BIND" -p "$PORT" "$IMAGE"
+exec .venv/bin/nbdqcow serve -t -e 0 --discard=unmap -A -b "$BIND" -p "$PORT" \
+  ${FORMAT_ARGS[@]+"${FORMAT_ARGS[@]}"} "$IMAGE"

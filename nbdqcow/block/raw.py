@@ -1,14 +1,26 @@
-"""Raw images (optionally starting at a byte offset inside the host file)."""
+"""Raw images (optionally a window [offset, offset+size) of the host file).
+
+A raw image whose format was *probed* must never start to look like another format:
+``first_sector_check`` (given by the image layer, which knows the formats) names the
+format a new first sector would probe as, and such a write is refused with EPERM, as
+qemu's raw driver does.  Such an image advertises 512-byte requests as its minimum
+(qemu's alignment for probed raw images); smaller writes into block 0 are merged with
+the sector's current bytes before the check.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import replace
 
 from nbdqcow.block.driver import Capabilities, Extent
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.locking import Access
 from nbdqcow.block.ranges import check_range
-from nbdqcow.errors import NotSupported, ReadOnlyImage
+from nbdqcow.errors import NotSupported, ReadOnlyImage, WriteRefused
+
+SECTOR = 512
 
 
 class RawDriver:
@@ -17,6 +29,7 @@ class RawDriver:
     def __init__(
         self, path: str, writable: bool = True, offset: int = 0, size: int | None = None,
         access: Access | None = None,
+        first_sector_check: Callable[[bytes], str | None] | None = None,
     ) -> None:
         """``access``: how the image is used, for qemu's file locks (default: by this
         process alone, read-only or writable as ``writable`` says)."""
@@ -38,6 +51,9 @@ class RawDriver:
             cache=True,
         )
         self._lock = threading.Lock()
+        self._guard = first_sector_check
+        if first_sector_check is not None:
+            self._caps = replace(self._caps, request_alignment=SECTOR)
 
     @property
     def size(self) -> int:
@@ -67,9 +83,27 @@ class RawDriver:
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
         self._check_write(offset, len(data))
-        self.file.pwrite(data, self.offset + offset)
+        if self._guard is not None and offset < SECTOR:
+            self._guarded_pwrite(data, offset)
+        else:
+            self.file.pwrite(data, self.offset + offset)
         if fua:
             self.file.sync()
+
+    def _guarded_pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """A write into block 0 of a probed image: refused if the sector would then
+        probe as another format (checked and written under one lock)."""
+        assert self._guard is not None
+        mv = memoryview(data)
+        with self._lock:
+            end = min(SECTOR, offset + len(mv), self._size)
+            sector = bytearray(self.file.pread(min(SECTOR, self._size), self.offset))
+            sector[offset:end] = mv[: end - offset]
+            fmt = self._guard(bytes(sector))
+            if fmt is not None:
+                raise WriteRefused(f"writing this first sector would make the raw image "
+                                   f"probe as {fmt}")
+            self.file.pwrite(mv, self.offset + offset)
 
     def flush(self) -> None:
         if self._caps.writable:

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from nbdqcow.block.driver import DirtyBitmapSource, DirtyRun
-from nbdqcow.block.open import probe_format
 from nbdqcow.cli.sizes import SizeError, parse_size
 from nbdqcow.errors import ImageOpenError, NbdqcowError
+from nbdqcow.image import probe_file
+from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.bitmap_store import BitmapOpError, LiveBitmap, LiveBitmaps
 from nbdqcow.qcow2.driver import Qcow2Driver
 
@@ -79,14 +80,14 @@ def _merge_source(args: argparse.Namespace, live: LiveBitmaps, name: str,
             raise BitmapOpError(f"Bitmap '{name}' is inconsistent and cannot be used")
         return _runs(b, b.disk_size), b.disk_size
     path = args.source_file
-    fmt = args.source_fmt or probe_format(path)
+    fmt = args.source_fmt or probe_file(path)
     if fmt != "qcow2":
         if fmt != "raw":
             raise NbdqcowError(f"Unknown driver '{fmt}'")
         raise BitmapOpError(f"Dirty bitmap '{name}' not found")
     from nbdqcow.qcow2.bitmaps import BitmapEntry, DirtyBitmap, read_directory, validate_entry
 
-    src = Qcow2Driver.open(path, writable=False)
+    src = Qcow2Driver.open(path, writable=False, backing=no_backing)
     try:
         h = src.header
         entry: BitmapEntry | None = next(
@@ -129,14 +130,14 @@ def _apply(args: argparse.Namespace, live: LiveBitmaps, op: str, arg: str | None
 def run_bitmap(args: argparse.Namespace) -> int:
     path, name = _check_args(args)
     _granularity(args.granularity)  # a bad -g is a usage error: the image is not touched
-    fmt = args.format or probe_format(path)
+    fmt = args.format or probe_file(path)
     first_op = args.ops[0][0]
     if fmt != "qcow2":
         if fmt != "raw":
             raise NbdqcowError(f"Unknown driver '{fmt}'")
         raise NbdqcowError(f"Operation {first_op} on bitmap {name} failed: Can't store "
                            f"persistent bitmaps to '{path}': Operation not supported")
-    drv = Qcow2Driver.open(path, writable=True)
+    drv = Qcow2Driver.open(path, writable=True, backing=no_backing)
     try:
         live = drv.live_bitmaps
         if live is None:  # pragma: no cover - every writable open of the active layer has it

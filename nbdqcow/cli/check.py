@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from nbdqcow.block.driver import BlockDriver
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.locking import Access, ImageLocked
-from nbdqcow.block.open import probe_format
+from nbdqcow.cli.images import add_image_opts, file_of
 from nbdqcow.cli.locks import add_force_share, read_access, write_access
 from nbdqcow.errors import ImageOpenError, NbdqcowError
 from nbdqcow.qcow2.check import CheckResult, check_file
@@ -48,22 +47,22 @@ def human_report(res: CheckResult, repaired: bool) -> str:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    fmt = args.format or probe_format(args.file)
+    fmt, path = file_of(args)
     if fmt != "qcow2":
         if fmt == "raw":
             print("nbdqcow: This image format does not support checks", file=sys.stderr)
             return EXIT_NOT_SUPPORTED
-        raise ImageOpenError(f"unknown format '{fmt}' (use raw or qcow2)")
+        raise ImageOpenError(f"image format '{fmt}' is not supported by nbdqcow")
     access = write_access(args) if args.repair is not None else read_access(args)
     try:
-        file = HostFile(args.file, writable=args.repair is not None,
+        file = HostFile(path, writable=args.repair is not None,
                         lock=access.image("qcow2"))
     except OSError as e:
-        raise ImageOpenError(f"Could not open '{args.file}': {e.strerror}") from None
+        raise ImageOpenError(f"Could not open '{path}': {e.strerror}") from None
     try:
-        backing = _open_backing_chain(file, args.file, access)
+        backing = _open_backing_chain(file, path, access)
         try:
-            res = check_file(file, args.file, args.repair)
+            res = check_file(file, path, args.repair)
         finally:
             if backing is not None:
                 backing.close()
@@ -78,7 +77,7 @@ def run_check(args: argparse.Namespace) -> int:
         sys.stdout.write(to_json(qemu_order(res.to_dict())) + "\n")
     elif not args.quiet:
         sys.stdout.write(human_report(res, bool(res.leaks_fixed or res.corruptions_fixed)))
-        sys.stdout.write(mapping_line(args.file, Access(force_share=access.force_share)))
+        sys.stdout.write(mapping_line(path, Access(force_share=access.force_share)))
     return res.exit_code
 
 
@@ -87,15 +86,14 @@ def _open_backing_chain(file: HostFile, path: str, access: Access) -> BlockDrive
     taken and tested too (a layer another process writes refuses the check, in qemu's
     words).  A chain that cannot be opened for any other reason is left alone: the check
     itself reads only the image."""
-    from nbdqcow.qcow2.backing import open_backing
+    from nbdqcow.image import open_backing_file
     from nbdqcow.qcow2.check.stored import read_header
 
     try:
         h = read_header(file)
         if not h.backing_file:
             return None
-        return open_backing(path, h.backing_file, h.backing_format,
-                            (os.path.realpath(path),), access.backing())
+        return open_backing_file(path, h.backing_file, h.backing_format, access)
     except ImageLocked:
         raise
     except (NbdqcowError, OSError, ValueError):
@@ -117,8 +115,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="repair leaked clusters, or everything that can be repaired")
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="human (default) or json: qemu-img check's formats")
-    p.add_argument("-f", "--format", choices=("raw", "qcow2"),
-                   help="image format (probed when absent)")
+    p.add_argument("-f", "--format", metavar="FORMAT",
+                   help="image format: raw, qcow2, ... (probed when absent)")
+    add_image_opts(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     add_force_share(p)
     p.add_argument("file", metavar="FILE", help="the image to check")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from nbdqcow.cli.sizes import SizeError, parse_size
+from nbdqcow.image import probe_file
 from nbdqcow.qcow2.create import CreateError, create_image, option_help
 
 
@@ -61,6 +62,7 @@ def run_create(args: argparse.Namespace) -> int:
             backing_fmt=args.backing_format, check_backing=not args.unsafe,
             require_backing_fmt=True,
             announce=None if args.quiet else (lambda line: print(line, flush=True)),
+            probe=probe_file,
         )
     except CreateError as e:
         raise CreateError(f"{args.file}: {e}") from None

@@ -16,8 +16,10 @@ import zlib
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
+from nbdqcow.cli.images import add_image_opts, qcow2_file_of
 from nbdqcow.cli.locks import add_force_share, read_access
 from nbdqcow.cli.sizes import format_size
+from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.layout_view import (
     KIND_LABEL,
@@ -276,9 +278,10 @@ def to_png(scene: list[Shape]) -> bytes:
 
 # ------------------------------------------------------------------ command
 def run_layout(args: argparse.Namespace) -> int:
-    d = Qcow2Driver.open(args.file, writable=False, access=read_access(args))
+    path = qcow2_file_of(args)
+    d = Qcow2Driver.open(path, writable=False, access=read_access(args), backing=no_backing)
     try:
-        scene = build_scene(args.file, d)
+        scene = build_scene(path, d)
         verdict = summarize(guest_runs(d), d.geo.cluster_size, d.header.has_data_file).verdict
     finally:
         d.close()
@@ -300,5 +303,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="picture file: .svg, or .png")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the verdict")
     add_force_share(p)
+    add_image_opts(p)
     p.add_argument("file", metavar="FILE", help="the qcow2 image to draw")
     p.set_defaults(func=run_layout)

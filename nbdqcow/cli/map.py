@@ -8,9 +8,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from nbdqcow.block.driver import BlockDriver, Extent
-from nbdqcow.block.open import open_image
+from nbdqcow.cli.images import add_image_opts, check_format
 from nbdqcow.cli.locks import add_force_share, read_access
 from nbdqcow.errors import ImageError
+from nbdqcow.image import open_image
 
 CHUNK = 1 << 30  # qemu-img map asks for at most 1 GiB at a time
 
@@ -116,7 +117,9 @@ def _hex(v: int) -> str:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    drv = open_image(args.file, args.format, writable=False, access=read_access(args))
+    check_format(args)
+    drv = open_image(args.file, args.format, writable=False,
+                     image_opts=getattr(args, "image_opts", False), access=read_access(args))
     out = sys.stdout
     try:
         if args.output == "json":
@@ -142,8 +145,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("map", help="show the image's allocation map (qemu-img map)")
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="human (default) or json: qemu-img map's formats")
-    p.add_argument("-f", "--format", choices=("raw", "qcow2"),
-                   help="image format (probed when absent)")
+    p.add_argument("-f", "--format", metavar="FORMAT",
+                   help="image format: raw, qcow2, ... (probed when absent)")
     add_force_share(p)
+    add_image_opts(p)
     p.add_argument("file", metavar="FILE", help="the image to map")
     p.set_defaults(func=run_map)

@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from nbdqcow.cli.images import add_image_opts, qcow2_file_of
+from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.create import PREALLOC_MODES
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.layout_view import mapping_summary
@@ -35,10 +37,10 @@ class _Bar:
 def run_relayout(args: argparse.Namespace) -> int:
     pause = float(os.environ.get("NBDQCOW_RELAYOUT_TEST_PAUSE", "0") or 0)
     show = args.progress or (args.progress is None and sys.stderr.isatty())
-    result = relayout(args.file, args.output, _Bar() if show else None,
+    result = relayout(qcow2_file_of(args), args.output, _Bar() if show else None,
                       args.preallocation, _pause=pause)
     if not args.quiet:
-        d = Qcow2Driver.open(result.path, writable=False)
+        d = Qcow2Driver.open(result.path, writable=False, backing=no_backing)
         try:
             verdict = mapping_summary(d).verdict
         finally:
@@ -60,5 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    default=None, help="data area of the new image (default: falloc when "
                    "the old file is fully allocated, else metadata)")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
+    add_image_opts(p)
     p.add_argument("file", metavar="FILE", help="the qcow2 image to rewrite")
     p.set_defaults(func=run_relayout)

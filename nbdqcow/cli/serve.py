@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 from nbdqcow import __version__
 from nbdqcow.block.driver import BlockDriver, DirtyBitmapSource
 from nbdqcow.block.locking import PERM_ALL, Access, Perm
-from nbdqcow.block.open import open_image, probe_format
+from nbdqcow.cli.images import add_image_opts, check_format
 from nbdqcow.errors import NbdqcowError
+from nbdqcow.image import image_tree, open_image, probe_file
 from nbdqcow.server.budget import DEFAULT_LIMIT
 from nbdqcow.server.exports import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, Export
 
@@ -72,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("-t", "--persistent", action="store_true", help="don't exit after the last client")
     a("-e", "--shared", type=_int, default=1, metavar="NUM",
       help="clients served at once (default 1, 0 = unlimited)")
-    a("-f", "--format", choices=("raw", "qcow2"), help="image format (probed when absent)")
+    a("-f", "--format", metavar="FORMAT",
+      help="image format: raw, qcow2, ... (probed when absent, as qemu-nbd)")
+    add_image_opts(parser)
     a("-o", "--offset", type=_int, default=0, help="offset into a raw image")
     a("-l", "--load-snapshot", metavar="SNAPSHOT",
       help="serve an internal snapshot read-only: NAME, ID, snapshot.name=NAME or "
@@ -153,21 +156,33 @@ def run_list(args: argparse.Namespace) -> int:
 
 # --- -s -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def temporary_overlay(path: str, fmt: str) -> Iterator[str]:
-    """A qcow2 overlay backed by ``path`` in a temporary directory (qemu-nbd -s)."""
+def temporary_overlay(name: str, fmt: str | None, image_opts: bool = False) -> Iterator[str]:
+    """A qcow2 overlay backed by the image ``name`` in a temporary directory (qemu-nbd
+    -s).  A ``json:`` or ``--image-opts`` image becomes a ``json:`` backing file name."""
     tmpdir = tempfile.mkdtemp(prefix="nbdqcow-snapshot-")
     overlay = os.path.join(tmpdir, "overlay.qcow2")
     try:
-        _create_overlay(overlay, os.path.abspath(path), fmt)
+        _create_overlay(overlay, name, fmt, image_opts)
         yield overlay
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _create_overlay(overlay: str, backing: str, fmt: str) -> None:
+def _create_overlay(overlay: str, name: str, fmt: str | None, image_opts: bool) -> None:
+    import json
+
     from nbdqcow.qcow2.create import create_image
 
-    create_image(overlay, None, "qcow2", backing_file=backing, backing_fmt=fmt)
+    base = open_image(name, fmt, writable=False, image_opts=image_opts)
+    size = base.size
+    base.close()
+    if image_opts or name.startswith("json:"):
+        backing = "json:" + json.dumps(image_tree(name, fmt, image_opts))
+        bfmt = None
+    else:
+        backing, bfmt = os.path.abspath(name), fmt or probe_file(name)
+    create_image(overlay, size, "qcow2", backing_file=backing, backing_fmt=bfmt,
+                 check_backing=False)
 
 
 # --- serve --------------------------------------------------------------------------------------
@@ -242,14 +257,16 @@ def open_export(args: argparse.Namespace, stack: contextlib.ExitStack) -> Export
     # a qemu-nbd export lets others read and write the image but not resize it
     access = Access(write=not readonly, force_share=force_share,
                     shared=PERM_ALL & ~Perm.RESIZE)
-    fmt = args.format or probe_format(args.filename)
-    path = args.filename
+    check_format(args, "-f")
+    name, fmt = args.filename, args.format
+    image_opts = getattr(args, "image_opts", False)
     if args.snapshot:
-        path = stack.enter_context(temporary_overlay(path, fmt))
-        fmt = "qcow2"
+        name = stack.enter_context(temporary_overlay(name, fmt, image_opts))
+        fmt, image_opts = "qcow2", False
     driver = open_image(
-        path, fmt, writable=not readonly, offset=args.offset, snapshot=args.load_snapshot,
-        cache_size=args.cache_size, mapping=args.mapping, access=access,
+        name, fmt, writable=not readonly, image_opts=image_opts, offset=args.offset,
+        snapshot=args.load_snapshot, cache_size=args.cache_size, mapping=args.mapping,
+        access=access, warn=lambda text: print(text, file=sys.stderr, flush=True),
     )
     stack.callback(driver.close)
     return Export(

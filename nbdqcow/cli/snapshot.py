@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from nbdqcow.block.hostfile import HostFile
-from nbdqcow.block.open import probe_format
+from nbdqcow.cli.images import add_image_opts, file_of
 from nbdqcow.cli.locks import add_force_share, read_access, write_access
 from nbdqcow.cli.sizes import format_size
 from nbdqcow.errors import ImageOpenError
@@ -21,10 +21,8 @@ from nbdqcow.qcow2.snapshot_ops import apply_snapshot, create_snapshot, delete_s
 
 
 def list_snapshots(args: argparse.Namespace) -> int:
-    fmt = args.format or probe_format(args.file)
-    if fmt != "qcow2":
-        raise ImageOpenError(f"'{args.file}': raw images have no internal snapshots")
-    f = HostFile(args.file, writable=False, lock=read_access(args).image("qcow2"))
+    path = _qcow2_only(args, write=False)
+    f = HostFile(path, writable=False, lock=read_access(args).image("qcow2"))
     try:
         header = read_header(f)
         check_open_limits(header)
@@ -37,28 +35,28 @@ def list_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
-def _qcow2_only(args: argparse.Namespace) -> None:
-    write_access(args)  # -U only reads
-    fmt = args.format or probe_format(args.file)
+def _qcow2_only(args: argparse.Namespace, write: bool = True) -> str:
+    """The qcow2 file the arguments name."""
+    if write:
+        write_access(args)  # -U only reads
+    fmt, path = file_of(args)
     if fmt != "qcow2":
-        raise ImageOpenError(f"'{args.file}': raw images have no internal snapshots")
+        raise ImageOpenError(f"'{path}': {fmt} images have no internal snapshots")
+    return path
 
 
 def create(args: argparse.Namespace) -> int:
-    _qcow2_only(args)
-    create_snapshot(args.file, args.act_create)
+    create_snapshot(_qcow2_only(args), args.act_create)
     return 0
 
 
 def delete(args: argparse.Namespace) -> int:
-    _qcow2_only(args)
-    delete_snapshot(args.file, args.act_delete)
+    delete_snapshot(_qcow2_only(args), args.act_delete)
     return 0
 
 
 def apply(args: argparse.Namespace) -> int:
-    _qcow2_only(args)
-    apply_snapshot(args.file, args.act_apply)
+    apply_snapshot(_qcow2_only(args), args.act_apply)
     return 0
 
 
@@ -93,8 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                            help=_HELP[name])
         else:
             p.add_argument(flag, dest=f"act_{name}", action="store_true", help=_HELP[name])
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+    p.add_argument("-f", dest="format", metavar="FORMAT", default=None,
                    help="image format (probed when absent)")
+    add_image_opts(p)
     add_force_share(p)
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
     p.add_argument("file", metavar="FILE", help="the qcow2 image")

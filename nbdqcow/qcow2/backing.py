@@ -1,52 +1,31 @@
-"""Backing chains (qcow2.txt "Header": backing_file_offset, backing format extension):
-resolve names against the image's folder, refuse loops and absurd depths, open each
-layer read-only (qcow2 or raw)."""
+"""Backing files (qcow2.txt "Header": backing_file_offset, backing format extension).
+
+The engine does not open its backing file itself: the image layer
+(:mod:`nbdqcow.image`) knows how names are resolved, which formats exist and how loops
+are refused, and hands the engine a :data:`BackingOpener`.  The engine calls it with
+the name and format its header stores and reads through whatever driver it returns
+(None: the image is used without its backing file, qemu's ``"backing": null``).
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 
 from nbdqcow.block.driver import BlockDriver
-from nbdqcow.block.locking import Access, ImageLocked
-from nbdqcow.block.open import probe_format
-from nbdqcow.block.raw import RawDriver
 from nbdqcow.errors import ImageOpenError
-from nbdqcow.qcow2 import layout as L
+
+#: (backing file name from the header, its format or None) -> the backing driver, or None
+BackingOpener = Callable[[str, "str | None"], "BlockDriver | None"]
 
 
-def resolve_relative(image_path: str, name: str) -> str:
-    """A file name stored in an image is relative to the image's folder."""
-    if name.startswith("json:") or "://" in name:
-        raise ImageOpenError(f"unsupported backing file protocol: {name}")
-    if os.path.isabs(name):
-        return name
-    # like qemu's path_combine: keep it relative when the image path was relative
-    return os.path.join(os.path.dirname(image_path), name)
+def no_backing(name: str, fmt: str | None) -> BlockDriver | None:
+    """Open the image without its backing file: for callers that never read guest data
+    through the chain (snapshot table and metadata work), and for ``"backing": null``."""
+    return None
 
 
-def open_backing(
-    image_path: str, name: str, fmt: str | None, chain: tuple[str, ...],
-    access: Access | None = None,
-) -> BlockDriver:
-    """``access``: how the layers below are opened for qemu's locks (read-only,
-    sharing everything; see :meth:`Access.backing`)."""
-    access = access if access is not None else Access()
-    path = resolve_relative(image_path, name)
-    real = os.path.realpath(path)
-    if real in chain:
-        raise ImageOpenError(f"backing file loop: '{name}' is already in the chain")
-    if len(chain) >= L.MAX_BACKING_DEPTH:
-        raise ImageOpenError("backing chain is too deep")
-    if not os.path.exists(path):
-        raise ImageOpenError(f"could not open backing file '{name}': No such file or directory")
-    fmt = fmt or probe_format(path)
-    try:
-        if fmt == "raw":
-            return RawDriver(path, writable=False, access=access)
-        if fmt == "qcow2":
-            from nbdqcow.qcow2.driver import Qcow2Driver
-
-            return Qcow2Driver.open(path, writable=False, access=access, _chain=chain + (real,))
-    except ImageLocked as e:
-        raise e.within("Could not open backing file: ") from None
-    raise ImageOpenError(f"unsupported backing file format '{fmt}'")
+def backing_required(name: str, fmt: str | None) -> BlockDriver | None:
+    """The default: an image with a backing file must be opened through the image
+    layer, which opens the chain (reading it as if it had none would be wrong data)."""
+    raise ImageOpenError(f"the image has a backing file ('{name}'); open it with "
+                         "nbdqcow.image.open_image")

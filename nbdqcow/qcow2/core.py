@@ -16,7 +16,6 @@ L2 cache); decrements are applied only after the L2/L1 tables that dropped the c
 
 from __future__ import annotations
 
-import os
 import threading
 from array import array
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.locking import Access
 from nbdqcow.errors import CorruptImage, ImageOpenError
 from nbdqcow.qcow2 import layout as L
-from nbdqcow.qcow2.backing import open_backing
+from nbdqcow.qcow2.backing import BackingOpener, backing_required
 from nbdqcow.qcow2.bitmap_store import LiveBitmaps
 from nbdqcow.qcow2.cache import TableCache
 from nbdqcow.qcow2.geometry import Geometry
@@ -62,20 +61,28 @@ class Qcow2Core:
         cache_size: int | None = None,
         mapping: str | None = None,
         access: Access | None = None,
-        _chain: tuple[str, ...] = (),
+        *,
+        backing: BackingOpener = backing_required,
+        data_file: str | None = None,
+        refcount_cache_size: int | None = None,
     ) -> Self:
-        """``access``: how the image is used, for qemu's file locks (default: by this
-        process alone, read-only or writable as ``writable`` says)."""
+        """Open the image at ``path``.  ``access``: how the image is used, for qemu's
+        file locks (default: by this process alone, read-only or writable as
+        ``writable`` says).  ``backing`` opens the backing file the header names (the
+        image layer passes one; :func:`~nbdqcow.qcow2.backing.no_backing` opens none).
+        ``data_file`` replaces the header's external data file name.  ``cache_size``:
+        L2 table cache in bytes; ``refcount_cache_size``: refcount block cache (default
+        a quarter of the L2 cache)."""
         if snapshot is not None and writable:
             raise ImageOpenError("an internal snapshot can only be opened read-only")
         access = access if access is not None else Access(write=writable)
         try:
             file = HostFile(path, writable, lock=access.image("qcow2"))
         except OSError as e:
-            raise ImageOpenError(f"could not open '{path}': {e.strerror}") from None
+            raise ImageOpenError(f"Could not open '{path}': {e.strerror}") from None
         try:
-            return cls(path, file, writable, snapshot, cache_size, mapping,
-                       _chain or (os.path.realpath(path),), access)
+            return cls(path, file, writable, snapshot, cache_size, mapping, access, backing,
+                       data_file, refcount_cache_size)
         except BaseException:
             file.close()
             raise
@@ -88,8 +95,10 @@ class Qcow2Core:
         snapshot: str | None,
         cache_size: int | None,
         mapping: str | None,
-        chain: tuple[str, ...],
         access: Access | None = None,
+        backing: BackingOpener = backing_required,
+        data_file: str | None = None,
+        refcount_cache_size: int | None = None,
     ) -> None:
         access = access if access is not None else Access(write=writable)
         self.path = path
@@ -159,18 +168,22 @@ class Qcow2Core:
         self.l2_cache = TableCache(tables, self._load_l2, self._store_l2, self._before_l2_store)
         self._scans = ScanCache(self.geo, h.has_data_file)
         self._refcounts: Refcounts | None = None
-        self._refcount_cache_tables = max(4, tables // 4)
+        self._refcount_cache_tables = (
+            max(4, tables // 4) if refcount_cache_size is None else max(4, refcount_cache_size // cs))
         # data file
         self.data_file = file
+        if data_file is not None and not h.has_data_file:
+            raise ImageOpenError("'data-file' can only be set for images with an external "
+                                 "data file")
         if h.has_data_file:
-            if not h.data_file:
+            if not h.data_file and data_file is None:
                 raise ImageOpenError("image needs an external data file but names none")
             # qemu opens a relative data file name relative to the working directory
-            dpath = h.data_file
+            dpath = data_file or h.data_file or ""
             try:
                 self.data_file = HostFile(dpath, writable, lock=access.data_file())
             except OSError as e:
-                raise ImageOpenError(f"could not open data file '{h.data_file}': {e.strerror}") from None
+                raise ImageOpenError(f"Could not open data file '{dpath}': {e.strerror}") from None
         self.backing: BlockDriver | None = None
         self._last_compressed: tuple[int, bytes] = (-1, b"")
         self._meta_prealloc: bool | None = None
@@ -181,7 +194,7 @@ class Qcow2Core:
         self._file_size = file_size
         self._lazy_dirty = False
         try:
-            self._open_backing_and_repair(h, writable, snapshot, chain, access)
+            self._open_backing_and_repair(h, writable, snapshot, backing)
         except BaseException:
             # the caller closes the image file; what was opened here goes too (and the
             # locks it holds with it)
@@ -198,12 +211,11 @@ class Qcow2Core:
         )
 
     def _open_backing_and_repair(self, h: Header, writable: bool, snapshot: str | None,
-                                 chain: tuple[str, ...], access: Access) -> None:
+                                 backing: BackingOpener) -> None:
         if h.backing_file:
             if h.data_file_raw:
                 raise ImageOpenError("a raw external data file cannot have a backing file")
-            self.backing = open_backing(self.path, h.backing_file, h.backing_format, chain,
-                                        access.backing())
+            self.backing = backing(h.backing_file, h.backing_format)
         if writable:
             if h.nb_snapshots:
                 from nbdqcow.qcow2.unshare import register_snapshot_metadata

@@ -98,7 +98,7 @@ def _parse_bool(name: str, value: str) -> bool:
 
 
 def _parse_num(name: str, value: str, size: bool) -> int:
-    from nbdqcow.cli.sizes import SizeError, parse_size
+    from nbdqcow.sizes import SizeError, parse_size
 
     try:
         return parse_size(value) if size else int(value, 0)
@@ -494,11 +494,14 @@ def backing_size(image_path: str, backing: str, fmt: str) -> int:
         raise CreateError(f"Could not open backing image '{backing}': {e}") from None
 
 
-def probe_backing_format(image_path: str, backing: str) -> str:
-    from nbdqcow.block.open import probe_format
-
+def probe_backing_format(image_path: str, backing: str,
+                         probe: Callable[[str], str] | None) -> str:
+    """The backing file's format by ``probe`` (the image layer's prober, given by the
+    caller: the engine does not know the other formats)."""
+    if probe is None:
+        raise CreateError("Backing file specified without backing format")
     try:
-        return probe_format(_resolve(image_path, backing))
+        return probe(_resolve(image_path, backing))
     except ImageOpenError as e:
         raise CreateError(str(e)) from None
 
@@ -517,6 +520,7 @@ def create_image(
     check_backing: bool = True,
     require_backing_fmt: bool = False,
     announce: Callable[[str], None] | None = None,
+    probe: Callable[[str], str] | None = None,
 ) -> int:
     """Create ``path``; returns the virtual size.  ``options`` are qemu-img ``-o`` strings.
 
@@ -524,6 +528,8 @@ def create_image(
     probed, unless ``require_backing_fmt`` (qemu-img's rule, used by the CLI) makes that
     an error.  ``check_backing`` False skips opening the backing file (qemu-img -u).
     ``announce`` receives the "Formatting ..." line before the file is written.
+    ``probe`` names the format of a file (nbdqcow.image.probe_file) for a backing file
+    given without its format.
     """
     given = dict(options or {})
     if backing_file is not None:
@@ -531,7 +537,7 @@ def create_image(
     if backing_fmt is not None:
         given["backing_fmt"] = backing_fmt
     if "size" in given:
-        from nbdqcow.cli.sizes import SizeError, parse_size
+        from nbdqcow.sizes import SizeError, parse_size
 
         try:
             opt_size = parse_size(given.pop("size"))
@@ -555,7 +561,7 @@ def create_image(
         raise CreateError(f"Unknown file format '{fmt}'")
     if given.get("backing_file") and not given.get("backing_fmt") and (
             check_backing or require_backing_fmt):
-        detected = probe_backing_format(path, given["backing_file"])
+        detected = probe_backing_format(path, given["backing_file"], probe)
         if require_backing_fmt:
             raise CreateError("Backing file specified without backing format "
                               f"(detected format of {detected})")

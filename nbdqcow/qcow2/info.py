@@ -17,7 +17,6 @@ from typing import Any
 
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.locking import Access, ImageLocked
-from nbdqcow.block.open import probe_format
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.bitmaps import read_directory
@@ -112,14 +111,14 @@ def _qcow2_info(f: HostFile, path: str, snapshots_out: list[Snapshot]) -> Info:
     return info
 
 
-def image_info(path: str, fmt: str | None = None,
+def image_info(path: str, fmt: str,
                snapshots_out: list[Snapshot] | None = None,
                access: Access | None = None) -> Info:
-    """The facts ``qemu-img info --output=json`` prints for ``path`` (as a dict).
+    """The facts ``qemu-img info --output=json`` prints for ``path`` (as a dict) in
+    format ``fmt`` (the caller probes it: nbdqcow.image.probe_file).
     ``access``: for qemu's locks (default: headers only, as qemu-img info)."""
     if not os.path.exists(path):
         raise ImageOpenError(f"Could not open '{path}': No such file or directory")
-    fmt = fmt or probe_format(path)
     access = access if access is not None else Access(io=False)
     try:
         f = HostFile(path, writable=False, lock=access.image(fmt))
@@ -136,10 +135,11 @@ def image_info(path: str, fmt: str | None = None,
         f.close()
 
 
-def backing_chain(path: str, fmt: str | None = None,
+def backing_chain(path: str, fmt: str, probe: Callable[[str], str],
                   access: Access | None = None) -> list[tuple[Info, list[Snapshot]]]:
     """Info (and snapshots) for the image and every backing file below it, each opened
-    on its own as qemu-img info --backing-chain does; loops are refused."""
+    on its own as qemu-img info --backing-chain does; loops are refused.  ``probe``
+    names the format of a backing file whose format is not stored."""
     out: list[tuple[Info, list[Snapshot]]] = []
     seen: set[tuple[int, int]] = set()
     while True:
@@ -157,7 +157,9 @@ def backing_chain(path: str, fmt: str | None = None,
         nxt = info.get("full-backing-filename")
         if nxt is None:
             return out
-        path, fmt = nxt, info.get("backing-filename-format")
+        path = nxt
+        fmt = info.get("backing-filename-format") or (
+            probe(path) if os.path.exists(path) else "raw")
 
 
 # --- qemu's output formats -----------------------------------------------------------------

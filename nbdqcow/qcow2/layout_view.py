@@ -17,6 +17,7 @@ from enum import IntEnum
 from nbdqcow.block.locking import Access
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.entries import SC
 from nbdqcow.qcow2.snapshot import encode_table, read_snapshot_table
@@ -210,7 +211,7 @@ def mapping_verdict(path: str, access: Access | None = None) -> str | None:
     """The mapping line for ``nbdqcow check`` ("constant: host = guest + 0x500000" or
     "N runs, M of K clusters out of place"); None when the image cannot be walked."""
     try:
-        d = Qcow2Driver.open(path, writable=False, access=access)
+        d = Qcow2Driver.open(path, writable=False, access=access, backing=no_backing)
     except NbdqcowError:
         return None
     try:

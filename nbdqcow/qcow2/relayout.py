@@ -20,6 +20,7 @@ from nbdqcow.block.hostfile import HostFile, copy_mode, remove_file, replace_fil
 from nbdqcow.block.locking import Access, ImageLocked
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.create import Qcow2Options, create_qcow2, plan_layout
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.entries import SC
@@ -118,7 +119,7 @@ def _copy_cluster(src: Qcow2Driver, dst: Qcow2Driver, gc: int) -> None:
         t = pieces[0][2]
         if t in _DATA:
             _copy_data(src, dst, pos, n, host, pieces[0][3] if t is SC.NORMAL else None)
-        elif t in _ZERO or (t is SC.UNALLOCATED_PLAIN and src.backing is None):
+        elif t in _ZERO or (t is SC.UNALLOCATED_PLAIN and not src.header.backing_file):
             if dst.header.version >= 3:
                 table[idx] = host | COPIED | L.QCOW_OFLAG_ZERO
             # version 2: the fresh data area already reads as zeros
@@ -150,7 +151,9 @@ def relayout(path: str, output: str | None = None, progress: Progress | None = N
     in_place = output is None or os.path.exists(output) and os.path.samefile(output, path)
     # qemu's locks: replacing an image is writing it, so nobody else may use it meanwhile
     # (the source with a writer's locks when it is the target, else a reader's)
-    src = Qcow2Driver.open(path, writable=False, access=Access(write=in_place))
+    # the backing file's data is never read: only whether there is one
+    src = Qcow2Driver.open(path, writable=False, access=Access(write=in_place),
+                           backing=no_backing)
     guard: HostFile | None = None
     try:
         if not in_place and os.path.exists(target):
@@ -174,7 +177,7 @@ def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
     data_offset = plan_layout(src.size, opts).data_offset or 0
     create_qcow2(tmp, src.size, opts)
     try:
-        dst = Qcow2Driver.open(tmp, writable=True)
+        dst = Qcow2Driver.open(tmp, writable=True, backing=no_backing)
         try:
             total = dst.geo.size_to_clusters(src.size)
             for gc in range(total):

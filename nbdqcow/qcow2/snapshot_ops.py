@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 from nbdqcow.errors import ImageError
 from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.snapshot import (
     EXTRA_KNOWN,
@@ -203,7 +204,7 @@ def _free_l1_clusters(d: Qcow2Driver, offset: int, size: int) -> None:
 
 
 def _open(path: str) -> Qcow2Driver:
-    d = Qcow2Driver.open(path, writable=True)
+    d = Qcow2Driver.open(path, writable=True, backing=no_backing)
     try:
         if d.header.has_data_file:
             raise SnapshotError("internal snapshots are not supported with an external data file")

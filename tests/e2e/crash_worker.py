@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
         return 2
     img, seed = argv[0], int(argv[1])
     journal = Journal(argv[2] if len(argv) == 3 else img + ".journal")
-    from nbdqcow.block.open import open_image
+    from nbdqcow.image import open_image
 
     unit, size, _ = image_geometry(img)
     with open(img, "rb") as f:

@@ -110,7 +110,7 @@ def qemu_read(img: Path, tmp: Path) -> bytes:
 
 
 def engine_read(img: Path, writable: bool) -> bytes:
-    from nbdqcow.block.open import open_image
+    from nbdqcow.image import open_image
 
     drv = open_image(str(img), "qcow2", writable=writable)
     try:
@@ -317,7 +317,7 @@ def test_crash_safety(kind: Kind, tmp_path: Path) -> None:
         current = got
 
     # Keep writing after the last crash, close cleanly: still consistent.
-    from nbdqcow.block.open import open_image
+    from nbdqcow.image import open_image
 
     drv = open_image(str(img), "qcow2", writable=True)  # repairs a dirty image
     tail = random.Random(7).randbytes(3 * 64 * KiB + 77)

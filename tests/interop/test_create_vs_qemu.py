@@ -278,7 +278,7 @@ def test_created_image(tmp_path: Path, combo: Combo) -> None:
     if mapped:
         # writes into preallocated clusters landed in place
         assert constant_offset(qemu_map(img, ndir), VSIZE) == delta
-    from nbdqcow.block.open import open_image
+    from nbdqcow.image import open_image
 
     with chdir(ndir):
         drv = open_image("img.qcow2", "qcow2", writable=False)
@@ -363,13 +363,15 @@ def test_invalid_options_rejected_like_qemu(tmp_path: Path, opts: str) -> None:
 
 
 def test_api_probes_backing_format(tmp_path: Path) -> None:
+    from nbdqcow.image import probe_file
     from nbdqcow.qcow2.create import create_image
     from nbdqcow.qcow2.info import image_info
 
     run("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "3M", cwd=tmp_path)
     top = str(tmp_path / "top.qcow2")
-    assert create_image(top, None, "qcow2", None, str(tmp_path / "base.qcow2")) == 3 << 20
-    info = image_info(top)
+    assert create_image(top, None, "qcow2", None, str(tmp_path / "base.qcow2"),
+                        probe=probe_file) == 3 << 20
+    info = image_info(top, "qcow2")
     assert info["backing-filename-format"] == "qcow2" and info["virtual-size"] == 3 << 20
     assert_check_clean(top, tmp_path)
     # qemu-img's rule on the command line: -b needs -F

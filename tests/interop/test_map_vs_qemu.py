@@ -119,7 +119,7 @@ def flags_over(want: list[Run], start: int, end: int) -> set[Flags]:
 
 
 def test_block_status_agrees_with_map(case_image: tuple[Case, Path]) -> None:
-    from nbdqcow.block.open import open_image
+    from nbdqcow.image import open_image
 
     case, path = case_image
     want = qemu_runs(path)

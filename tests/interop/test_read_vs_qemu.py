@@ -82,7 +82,7 @@ def check_reads(drv: BlockDriver, ref: bytes, seed: str, what: str) -> None:
 
 
 def test_full_read_equals_qemu(case_image: tuple[Case, Path], tmp_path: Path) -> None:
-    from nbdqcow.block.open import open_image
+    from nbdqcow.image import open_image
 
     case, path = case_image
     ref = imagegen.convert_to_raw(path, tmp_path / "ref.raw")
@@ -102,7 +102,7 @@ SNAPSHOT_CASES = [c for c in imagegen.CASES if c.snapshots]
 def test_snapshot_read_equals_qemu(
     case: Case, image_factory: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    from nbdqcow.block.open import open_image
+    from nbdqcow.image import open_image
 
     path = image_factory(case.name)
     before = sha256(path)
@@ -125,8 +125,8 @@ def test_snapshot_read_equals_qemu(
 
 @pytest.mark.parametrize("case", SNAPSHOT_CASES, ids=[c.name for c in SNAPSHOT_CASES])
 def test_unknown_snapshot_is_refused(case: Case, image_factory: Callable[[str], Path]) -> None:
-    from nbdqcow.block.open import open_image
     from nbdqcow.errors import ImageOpenError
+    from nbdqcow.image import open_image
 
     path = image_factory(case.name)
     with pytest.raises(ImageOpenError) as e:

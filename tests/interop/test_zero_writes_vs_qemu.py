@@ -39,7 +39,7 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_partial_zero_writes_match_qemu(name: str, tmp_path: Path) -> None:
-    from nbdqcow.block.open import open_image
+    from nbdqcow.image import open_image
 
     setup, backing_setup, zeroes = SCENARIOS[name]
     backing = None

@@ -239,7 +239,7 @@ class EngineVsModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        from nbdqcow.block.open import open_image
+        from nbdqcow.image import open_image
 
         self.open_image = open_image
         self.dir = self.workdir / f"ex{next(self.counter)}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nbdqcow.cli.sizes import SizeError, format_size, parse_size
+from nbdqcow.sizes import SizeError, format_size, parse_size
 
 
 @pytest.mark.parametrize(
