@@ -51,15 +51,25 @@ class Refcounts:
         cs = geo.cluster_size
         for c in range(table_clusters):
             meta.add((table_offset >> geo.cluster_bits) + c)
+        blocks: set[int] = set()
         for e in self.table:
             off = e & L.REFT_OFFSET_MASK
             if off:
                 if off % cs:
                     raise CorruptImage(f"refcount block offset {off:#x} is not cluster aligned")
-                meta.add(off >> geo.cluster_bits)
+                c = off >> geo.cluster_bits
+                if c in meta or c in blocks:
+                    # counting from a table, the header or another block would let the
+                    # allocator hand out clusters in use
+                    raise CorruptImage(f"refcount block at {off:#x} overlaps other metadata")
+                blocks.add(c)
+        meta |= blocks
 
     # --- blocks ----------------------------------------------------------------------
     def _load_block(self, offset: int) -> array[int]:
+        if offset + self.geo.cluster_size > self.file.size():
+            # zeros read from past the end would say "free" for clusters in use
+            raise CorruptImage(f"refcount block at {offset:#x} lies past the end of the file")
         return load_refblock(self.file.pread(self.geo.cluster_size, offset), self.geo.refcount_bits)
 
     def _store_block(self, offset: int, blk: array[int]) -> None:

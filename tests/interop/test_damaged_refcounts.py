@@ -10,6 +10,7 @@ The images are made by qemu-img / qemu-io and then byte-patched.
 
 from __future__ import annotations
 
+import errno
 import random
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import imagegen
 import pytest
 from tooling import ServerFactory, require_tool
 
+from nbdqcow.errors import RemoteError
 from nbdqcow.nbdclient.sync import SyncClient
 
 MiB = 1 << 20
@@ -106,3 +108,27 @@ def test_damaged_refcounts_served_like_qemu(nbdqcow_server: ServerFactory, tmp_p
     assert served.stop() == 0
     log = served.log.read_text()
     assert "Traceback" not in log, log
+
+
+# damage that makes the allocator's view wrong: a write that needs a new cluster must
+# fail (EIO) instead of trusting it, and must not change what reads return
+STRICT_ON_WRITE = ("refblock_past_eof", "refblock_unaligned", "refblock_offset_huge",
+                   "refblock_offset_2e63", "refblock_is_l1", "reftable_garbage")
+
+
+@pytest.mark.parametrize("case", STRICT_ON_WRITE)
+def test_allocating_write_refused_on_damaged_refcounts(nbdqcow_server: ServerFactory,
+                                                       tmp_path: Path, case: str) -> None:
+    require_tool("qemu-img")
+    image = tmp_path / "img.qcow2"
+    _make(image, CASES[case])
+    expected = imagegen.convert_to_raw(image, tmp_path / "ref.raw")
+    served = nbdqcow_server(image, "-f", "qcow2", "-t")
+    with SyncClient(served.uri) as c:
+        with pytest.raises(RemoteError) as e:
+            c.pwrite(b"\x77" * CLUSTER, 6 * MiB)  # unallocated: needs a new cluster
+        assert e.value.code == errno.EIO
+        assert c.pread(0, SIZE) == expected
+    assert served.stop() == 0
+    assert "Traceback" not in served.log.read_text()
+    assert imagegen.convert_to_raw(image, tmp_path / "after.raw") == expected
