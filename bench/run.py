@@ -9,6 +9,7 @@ Prints a table and writes bench/RESULTS.md.  Speed is measured here, never asser
     make bench                     # 5 runs of 5 s per workload and server, 1 GiB image
     .venv/bin/python bench/run.py --quick
     .venv/bin/python bench/run.py --candidate qemu-nbd   # harness check: qemu-nbd twice
+    .venv/bin/python bench/run.py --tls --results bench/RESULTS.md  # the TLS section
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import tlsbench  # noqa: E402
 from servers import (  # noqa: E402
     REPO,
     SERVER_OPTS,
@@ -256,6 +258,25 @@ def write_results(
     path.write_text("\n".join(lines))
 
 
+def tls_text(text: str, args: argparse.Namespace, labels: list[str],
+             loads: tuple[str, str]) -> str:
+    return "\n".join([
+        f"`bench/run.py --tls` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+        f"both servers with `{' '.join(SERVER_OPTS)}` and the same x509 credentials "
+        "(`--object tls-creds-x509,id=tls0,dir=PKI,endpoint=server,verify-peer=off "
+        "--tls-creds tls0`; ECDSA P-256 certificates from certtool); clients connect with "
+        "`nbds+unix:///?socket=S&tls-verify-peer=false` (fio's nbd engine refuses URIs "
+        "that name local certificate files), so both directions are encrypted (TLS 1.3, "
+        "whatever cipher client and server agree). "
+        f"Image {args.size}, {args.runtime:g} s per fio run, {args.repeat} run(s) per "
+        "workload and server, interleaved as above (paired ratios, median and range). "
+        f"Load average (1 min) before / after: {loads[0]} / {loads[1]} on "
+        f"{os.cpu_count()} CPUs shared with other work, so the figures are noisy.",
+        "",
+        text,
+    ])
+
+
 def _busy(loads: tuple[str, str], nproc: str) -> bool:
     try:
         return max(float(x) for x in loads) > 0.5 * float(nproc) + 1.5
@@ -284,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         help="markdown output (default bench/out/RESULTS.md, untracked; pass "
         "bench/RESULTS.md to update the committed figures; '' for none)",
     )
+    p.add_argument("--tls", action="store_true",
+                   help="both servers over TLS (x509, same credentials): the TLS workload "
+                   "set; writes the '## TLS' section of --results")
     args = p.parse_args(argv)
     if args.quick:
         args.runtime = 3.0
@@ -302,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         labels[1] += "#2"
     size = parse_size(args.size)
     workloads = [w for w in WORKLOADS if not args.only or any(o in w.name for o in args.only)]
+    if args.tls:
+        workloads = [w for w in workloads if w.name in tlsbench.TLS_WORKLOADS]
 
     tmp = None
     if args.workdir is None:
@@ -316,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: creating a {args.size} image in {workdir}", flush=True)
         raw, images = make_images(workdir, size, labels)
         kinds = [args.reference, args.candidate]
+        tls_args = tlsbench.server_args(tlsbench.make_server_certs(workdir)) if args.tls else []
         for i, (label, kind) in enumerate(zip(labels, kinds, strict=True)):
-            servers.append(Server(label, kind, images[label], workdir / f"server{i}.sock"))
+            servers.append(Server(label, kind, images[label], workdir / f"server{i}.sock",
+                                  extra=list(tls_args), tls=args.tls))
         for s in servers:
             s.start()
             # warm-up, not measured: page cache and server caches in the same state for both
@@ -342,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         text = table(rows, labels)
         print()
         print(text)
-        if args.results:
+        if args.results and args.tls:
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+            tlsbench.replace_section(Path(args.results), "TLS", tls_text(
+                text, args, labels, (load_before, load_average())))
+            print(f"\nbench: wrote the TLS section of {args.results}")
+        elif args.results:
             Path(args.results).parent.mkdir(parents=True, exist_ok=True)
             write_results(Path(args.results), text, args, labels, (load_before, load_average()))
             print(f"\nbench: wrote {args.results}")

@@ -52,9 +52,12 @@ class Server:
     fmt: str = "qcow2"
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    tls: bool = False  # extra holds the TLS options; clients use an nbds+unix URI
 
     @property
     def uri(self) -> str:
+        if self.tls:
+            return f"nbds+unix:///?socket={self.sock}&tls-verify-peer=false"
         return f"nbd+unix:///?socket={self.sock}"
 
     @property

@@ -16,6 +16,9 @@ from typing import Any, Protocol
 from nbdqcow.tls.session import TlsClosed, TlsError, TlsSession
 
 _RAW_BUFFER = 256 * 1024
+#: plaintext writes smaller than this are gathered and encrypted together at the end of
+#: the event loop iteration (one TLS record and one socket write for many small replies)
+_GATHER_MAX = 16 * 1024
 
 
 class _App(Protocol):
@@ -43,6 +46,9 @@ class TlsLayer(asyncio.BufferedProtocol):
         self.on_failure: Callable[[str], None] | None = None
         self.ready = False
         self._buf = memoryview(bytearray(_RAW_BUFFER))
+        self._plain: list[bytes | bytearray | memoryview] = []  # gathered small writes
+        self._plain_n = 0
+        self._flush_handle: asyncio.Handle | None = None
         self._paused = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -79,19 +85,28 @@ class TlsLayer(asyncio.BufferedProtocol):
         """Hand decrypted bytes to the app while it reads."""
         session, app = self.session, self.app
         while not self._paused and not self._closed:
+            # a record holds at most 16 KiB: fill the app's buffer from as many records
+            # as there are before handing it over (one buffer_updated per MiB, not 64)
             buf = app.get_buffer(-1)
+            size, got = len(buf), 0
             try:
-                n = session.read_into(buf)
+                while got < size:
+                    n = session.read_into(buf[got:] if got else buf)
+                    if n <= 0:
+                        break
+                    got += n
             except TlsClosed:
+                if got:
+                    app.buffer_updated(got)
                 self._flush()
                 self.close()
                 return
             except TlsError as e:
                 self._fail(f"TLS error: {e}")
                 return
-            if n <= 0:
+            if not got:
                 break
-            app.buffer_updated(n)
+            app.buffer_updated(got)
         self._flush()  # TLS 1.3 key updates / tickets
 
     def _flush(self) -> None:
@@ -119,29 +134,52 @@ class TlsLayer(asyncio.BufferedProtocol):
         self.app.resume_writing()
 
     # --- app side (transport interface) ------------------------------------------------------
+    # Writes are encrypted in order; small ones are gathered, and the ciphertext of one
+    # event-loop iteration leaves in one socket write (fewer records, syscalls, wakeups).
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed or self.raw.is_closing():
-            return
-        try:
-            self.session.write(data)
-        except TlsError as e:
-            self._fail(f"TLS error: {e}")
-            return
-        self._flush()
+        self.writelines((data,))
 
     def writelines(self, bufs: Iterable[bytes | bytearray | memoryview]) -> None:
         if self._closed or self.raw.is_closing():
             return
+        plain = self._plain
         try:
             for b in bufs:
-                self.session.write(b)
+                n = len(b)
+                if n < _GATHER_MAX:
+                    plain.append(b)
+                    self._plain_n += n
+                    if self._plain_n >= _GATHER_MAX:
+                        self._encrypt_gathered()
+                else:
+                    if plain:
+                        self._encrypt_gathered()
+                    self.session.write(b)
         except TlsError as e:
             self._fail(f"TLS error: {e}")
             return
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_written)
+
+    def _encrypt_gathered(self) -> None:
+        plain, self._plain, self._plain_n = self._plain, [], 0
+        self.session.write(plain[0] if len(plain) == 1 else b"".join(plain))
+
+    def _flush_written(self) -> None:
+        self._flush_handle = None
+        if self._closed:
+            return
+        if self._plain:
+            try:
+                self._encrypt_gathered()
+            except TlsError as e:
+                self._fail(f"TLS error: {e}")
+                return
         self._flush()
 
     def close(self) -> None:
         if not self._closed:
+            self._flush_written()
             self._closed = True
             self.session.close()  # close_notify
             self._flush()
@@ -155,7 +193,7 @@ class TlsLayer(asyncio.BufferedProtocol):
         return self._closed or self.raw.is_closing()
 
     def get_write_buffer_size(self) -> int:
-        return self.raw.get_write_buffer_size()
+        return self.raw.get_write_buffer_size() + self._plain_n + self.session.pending()
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self.raw.set_write_buffer_limits(high=high, low=low)

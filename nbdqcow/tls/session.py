@@ -169,7 +169,7 @@ class OpenSslSession:
         return b"".join(chunks)
 
     def pending(self) -> int:
-        return 1  # unknown: callers take() and check for b""
+        return 0  # not known without the BIO: every flush take()s what there is
 
     def close(self) -> None:
         SSL = self._SSL
