@@ -147,10 +147,11 @@ def _connect_for_list(args: argparse.Namespace) -> socket.socket:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from nbdqcow.cli.tlsopts import list_starttls
     from nbdqcow.server.listing import format_listing, list_exports
 
     with contextlib.closing(_connect_for_list(args)) as s:
-        print(format_listing(list_exports(s)))
+        print(format_listing(list_exports(s, list_starttls(args))))
     return 0
 
 

@@ -4,9 +4,12 @@ turned into the server's (or ``-L``'s) TLS settings, with qemu-nbd's messages.""
 from __future__ import annotations
 
 import argparse
+import socket
+from collections.abc import Callable
 
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.tls.authz import Authz
+from nbdqcow.tls.client import BlockingTls
 from nbdqcow.tls.creds import TlsCreds
 from nbdqcow.tls.objects import ObjectRegistry
 
@@ -63,3 +66,22 @@ def tls_settings(args: argparse.Namespace, endpoint: str
         raise NbdqcowError("--tls-authz needs credentials that identify the client "
                            "(tls-creds-x509 with verify-peer=on, or tls-creds-psk)")
     return creds, authz
+
+
+def list_starttls(args: argparse.Namespace) -> Callable[[socket.socket], BlockingTls] | None:
+    """For ``-L`` with ``--tls-creds`` (endpoint=client): the TLS upgrade of the listing
+    connection; the server's certificate must name ``--tls-hostname``, else the host
+    connected to (no name check over a unix socket without ``--tls-hostname``)."""
+    creds, _ = args.tls
+    if creds is None:
+        return None
+    host = args.tls_hostname
+    if host is None and not args.socket:
+        host = args.bind if args.bind not in (None, "0.0.0.0", "::") else "localhost"
+    if host is None and creds.kind == "x509" and creds.verify_peer:
+        raise NbdqcowError("No hostname for certificate validation")  # qemu-nbd's words
+
+    def upgrade(sock: socket.socket) -> BlockingTls:
+        return BlockingTls(sock, creds.session(host))
+
+    return upgrade

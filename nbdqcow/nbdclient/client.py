@@ -113,6 +113,21 @@ class Client:
             if head.reply == Rep.ACK or head.is_error:
                 return replies
 
+    async def _starttls(self, addr: NbdAddress) -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake; later options go encrypted."""
+        from nbdqcow.tls.client import uri_session
+        from nbdqcow.tls.layer import upgrade_streams
+
+        replies = await self.option(Opt.STARTTLS)
+        reply, data = replies[-1]
+        if reply != Rep.ACK:
+            raise codec.option_error(codec.OptionReply(Opt.STARTTLS, reply, len(data)), data)
+        session = uri_session(certificates=addr.tls_certificates, psk_file=addr.tls_psk_file,
+                              username=addr.tls_username, verify_peer=addr.tls_verify_peer,
+                              hostname=addr.host)
+        self._reader, self._writer = await upgrade_streams(self._reader, self._writer,
+                                                           session, STREAM_LIMIT)
+
     @staticmethod
     def _check(option: Opt, replies: list[tuple[int, bytes]]) -> None:
         reply, data = replies[-1]
@@ -441,6 +456,8 @@ async def connect(
     client = Client(reader, writer)
     try:
         await client._greet()
+        if addr.tls:
+            await client._starttls(addr)
         await client._negotiate_headers(structured, extended)
         queries = list(meta_contexts)
         if client.structured and queries:
@@ -449,7 +466,7 @@ async def connect(
         if not client.export_name:
             client.export_name = name
     except BaseException:
-        writer.close()
+        client._writer.close()
         raise
     client._start()
     return client
@@ -461,8 +478,10 @@ async def _options_session(uri: str | NbdAddress) -> Client:
     client = Client(reader, writer)
     try:
         await client._greet()
+        if addr.tls:
+            await client._starttls(addr)
     except BaseException:
-        writer.close()
+        client._writer.close()
         raise
     return client
 

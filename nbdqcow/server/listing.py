@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from nbdqcow.errors import RemoteProtocolError
 from nbdqcow.nbd import wire
@@ -29,7 +31,13 @@ class ListedExport:
     contexts: list[str] = field(default_factory=list)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+class _Conn(Protocol):
+    def recv(self, n: int, /) -> bytes: ...
+
+    def sendall(self, data: bytes, /) -> Any: ...
+
+
+def _recv_exact(sock: _Conn, n: int) -> bytes:
     out = bytearray()
     while len(out) < n:
         chunk = sock.recv(n - len(out))
@@ -39,7 +47,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
-def _option(sock: socket.socket, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+def _option(sock: _Conn, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
     """Send an option; collect replies up to ACK or an error."""
     sock.sendall(wire.pack_option_request(opt, data))
     replies = []
@@ -55,12 +63,26 @@ def _option(sock: socket.socket, opt: int, data: bytes = b"") -> list[tuple[int,
             return replies
 
 
-def list_exports(sock: socket.socket) -> list[ListedExport]:
+def list_exports(sock: socket.socket,
+                 starttls: Callable[[socket.socket], _Conn] | None = None
+                 ) -> list[ListedExport]:
+    """``starttls``: with TLS credentials, turns the socket into a TLS connection after
+    the server acknowledged NBD_OPT_STARTTLS."""
     magic, ihaveopt, hflags = wire.SERVER_GREETING.unpack(_recv_exact(sock, wire.GREETING_SIZE))
     if magic != NBDMAGIC or ihaveopt != IHAVEOPT:
         raise RemoteProtocolError("not a newstyle NBD server")
     sock.sendall(wire.CLIENT_FLAGS.pack(int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
                                         & hflags))
+    conn: _Conn = sock
+    if starttls is not None:
+        rtype, payload = _option(sock, Opt.STARTTLS)[-1]
+        if rtype != Rep.ACK:
+            raise RemoteProtocolError(f"the server refused STARTTLS: {payload.decode(errors='replace')}")
+        conn = starttls(sock)
+    return _list(conn)
+
+
+def _list(sock: _Conn) -> list[ListedExport]:
     # as qemu-nbd -L: structured replies first, so the listed flags include DF
     _option(sock, Opt.STRUCTURED_REPLY)
     exports: list[ListedExport] = []
@@ -69,6 +91,8 @@ def list_exports(sock: socket.socket) -> list[ListedExport]:
             (n,) = wire.STRING_LENGTH.unpack_from(payload)
             name = payload[4 : 4 + n].decode()
             exports.append(ListedExport(name, payload[4 + n :].decode()))
+        elif rtype == Rep.ERR_TLS_REQD:
+            raise RemoteProtocolError("the server requires TLS (--tls-creds)")
         elif rtype != Rep.ACK:
             raise RemoteProtocolError(f"NBD_OPT_LIST failed ({rtype:#x})")
     for ex in exports:

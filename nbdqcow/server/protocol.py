@@ -19,7 +19,7 @@ from nbdqcow.nbd.transmission import Request, RequestDecoder
 from nbdqcow.server.budget import CHARGE_MIN
 from nbdqcow.server.dispatch import Dispatcher, Leased, Reply
 from nbdqcow.server.flow import FlowControl
-from nbdqcow.server.tlslayer import TlsLayer
+from nbdqcow.tls.layer import TlsLayer
 from nbdqcow.tls.session import TlsSession
 
 if TYPE_CHECKING:

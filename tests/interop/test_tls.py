@@ -5,6 +5,7 @@ per module with certtool and psktool (tlspki.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 from tlspki import CLIENT1_DN, Pki, make_pki
 from tooling import Served, ServerFactory, repo_env, require_tool
+
+from nbdqcow.errors import NbdqcowError
 
 SERVERS = ("nbdqcow", "qemu-nbd")
 SIZE = 4 << 20
@@ -307,3 +310,54 @@ def test_client_endpoint_refused(pki: Pki, image: Path, tmp_path: Path) -> None:
     ours = run(sys.executable, "-m", "nbdqcow", "serve", "-k", tmp_path / "s", *argv, image)
     assert ours.returncode == 1
     assert "Expected TLS credentials for a server endpoint" in ours.stderr
+
+
+# --- clients: nbdqcow.nbdclient and serve -L ----------------------------------------------
+#: how a refused TLS client fails: the handshake (TlsError), or the server closing the
+#: connection right after it (TLS 1.3 clients finish before the server checks them)
+REFUSED = (NbdqcowError, OSError, asyncio.IncompleteReadError)
+
+
+def _nbdclient_roundtrip(uri: str) -> tuple[bool, list[tuple[str, str]]]:
+    from nbdqcow.nbdclient import connect, list_exports
+
+    async def go() -> tuple[bool, list[tuple[str, str]]]:
+        data = os.urandom(3 << 20)
+        c = await connect(uri)
+        await c.pwrite(data, 4096)
+        same = await c.pread(4096, len(data)) == data
+        await c.disconnect()
+        return same, await list_exports(uri)
+
+    return asyncio.run(go())
+
+
+def test_nbdclient_x509_and_psk(pki: Pki, server, image: Path) -> None:
+    _, start = server
+    s = start(image, *x509(pki), "-t", name="e")
+    same, exports = _nbdclient_roundtrip(tls_uri(s, pki.client1))
+    assert same and [e[0] for e in exports] == ["e"]
+    with pytest.raises(REFUSED):  # a certificate from another CA
+        _nbdclient_roundtrip(tls_uri(s, pki.rogue))
+    s.stop()
+    s = start(image, *psk(pki), "-t", name="e")
+    same, exports = _nbdclient_roundtrip(tls_uri(s, user="alice", pskfile=pki.psk / "keys.psk"))
+    assert same and [e[0] for e in exports] == ["e"]
+    with pytest.raises(REFUSED):
+        _nbdclient_roundtrip(tls_uri(s, user="alice", pskfile=pki.psk_wrong / "keys.psk"))
+    assert s.proc.poll() is None
+
+
+def test_list_over_tls_like_qemu_nbd(pki: Pki, server, image: Path) -> None:
+    """serve -L and qemu-nbd -L with the same client --object lines print the same."""
+    _, start = server
+    s = start(image, *x509(pki), "-t", "-r", name="e")
+    argv = ["-L", "-k", str(s.socket), "--object",
+            f"tls-creds-x509,id=tls1,dir={pki.client1},endpoint=client", "--tls-creds",
+            "tls1", "--tls-hostname", "localhost"]
+    ours = run(sys.executable, "-m", "nbdqcow", "serve", *argv)
+    theirs = run(require_tool("qemu-nbd"), *argv)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr + theirs.stderr
+    assert ours.stdout == theirs.stdout and "export: 'e'" in ours.stdout
+    plain = run(sys.executable, "-m", "nbdqcow", "serve", "-L", "-k", str(s.socket))
+    assert plain.returncode == 1 and "requires TLS" in plain.stderr

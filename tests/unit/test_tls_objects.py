@@ -112,3 +112,20 @@ def test_psk_file(tmp_path: Path) -> None:
     f.write_text("alice:zz\n")
     with pytest.raises(TlsError, match="keys.psk:1"):
         read_psk_file(str(f))
+
+
+# --- nbds URIs (libnbd's query parameters) -------------------------------------------------
+def test_nbds_uris() -> None:
+    from nbdqcow.nbdclient.uri import parse_uri
+
+    a = parse_uri("nbds+unix://alice@/disk?socket=/s&tls-psk-file=/k/keys.psk")
+    assert (a.tls, a.socket, a.export, a.tls_username, a.tls_psk_file) == (
+        True, "/s", "disk", "alice", "/k/keys.psk")
+    b = parse_uri("nbds://host:1234/e?tls-certificates=/pki&tls-verify-peer=false")
+    assert (b.tls, b.host, b.port, b.tls_certificates, b.tls_verify_peer) == (
+        True, "host", 1234, "/pki", False)
+    assert b.uri().startswith("nbds://host:1234/")
+    plain = parse_uri("nbd+unix:///?socket=/s&tls-certificates=/ignored")
+    assert not plain.tls and plain.tls_certificates is None
+    with pytest.raises(ValueError, match="tls-verify-peer"):
+        parse_uri("nbds://h/?tls-verify-peer=maybe")

@@ -1,8 +1,9 @@
-"""TLS between a socket transport and an NBD protocol object, after STARTTLS.
+"""TLS between an asyncio socket transport and an NBD protocol, after STARTTLS.
 
 :class:`TlsLayer` is both the raw transport's protocol (ciphertext in) and the
-transport the NBD protocol writes to (plaintext out): the protocol keeps its code and
-only swaps its ``transport``.  The TLS work is a sans-I/O session from
+transport the NBD protocol writes to (plaintext out): the server's protocol keeps its
+code and only swaps its ``transport``; :func:`upgrade_streams` does the same for a
+client's asyncio streams.  The TLS work is a sans-I/O session from
 :mod:`nbdqcow.tls.session`.  Under TLS, replies cannot leave through sendfile (no
 kernel TLS here): every byte is encrypted by OpenSSL in this process.
 """
@@ -33,12 +34,35 @@ class _App(Protocol):
     def resume_writing(self) -> None: ...
 
 
+class _StreamApp:
+    """A plain (data_received) protocol seen as a buffered one."""
+
+    def __init__(self, proto: asyncio.Protocol) -> None:
+        self.proto = proto
+        self._buf = memoryview(bytearray(_RAW_BUFFER))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.proto.data_received(bytes(self._buf[:nbytes]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proto.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()
+
+
 class TlsLayer(asyncio.BufferedProtocol):
     """Raw side: a BufferedProtocol.  App side: the subset of ``asyncio.Transport``
     the NBD protocol uses."""
 
     def __init__(self, raw: asyncio.Transport, session: TlsSession, app: _App,
-                 on_ready: Callable[[TlsSession], str | None]) -> None:
+                 on_ready: Callable[[TlsSession], str | None] | None = None) -> None:
         self.raw = raw
         self.session = session
         self.app = app
@@ -52,6 +76,31 @@ class TlsLayer(asyncio.BufferedProtocol):
         self._paused = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        #: done when the TLS handshake succeeded (result) or failed (exception)
+        self.handshake_done: asyncio.Future[None] = self._loop.create_future()
+
+    def start(self) -> None:
+        """Client side: send the ClientHello."""
+        self._handshake_step()
+
+    def _handshake_step(self) -> bool:
+        try:
+            done = self.session.handshake()
+        except TlsError as e:
+            self._flush()
+            self._fail(f"TLS handshake failed: {e}")
+            return False
+        self._flush()
+        if not done:
+            return False
+        refusal = self.on_ready(self.session) if self.on_ready is not None else None
+        if refusal is not None:
+            self._fail(refusal)
+            return False
+        self.ready = True
+        if not self.handshake_done.done():
+            self.handshake_done.set_result(None)
+        return True
 
     # --- raw side ------------------------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -64,21 +113,8 @@ class TlsLayer(asyncio.BufferedProtocol):
         if self._closed:
             return
         self.session.feed(data)
-        if not self.ready:
-            try:
-                done = self.session.handshake()
-            except TlsError as e:
-                self._flush()
-                self._fail(f"TLS handshake failed: {e}")
-                return
-            self._flush()
-            if not done:
-                return
-            refusal = self.on_ready(self.session)
-            if refusal is not None:
-                self._fail(refusal)
-                return
-            self.ready = True
+        if not self.ready and not self._handshake_step():
+            return
         self._pump()
 
     def _pump(self) -> None:
@@ -118,6 +154,8 @@ class TlsLayer(asyncio.BufferedProtocol):
         self._closed = True
         if self.on_failure is not None:
             self.on_failure(reason)
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(TlsError(reason))
         self.raw.close()
 
     def eof_received(self) -> bool:
@@ -125,6 +163,9 @@ class TlsLayer(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(
+                TlsError("the peer closed the connection during the TLS handshake"))
         self.app.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -215,3 +256,22 @@ class TlsLayer(asyncio.BufferedProtocol):
         if name == "tls_session":
             return self.session
         return self.raw.get_extra_info(name, default)
+
+
+async def upgrade_streams(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: TlsSession,
+    limit: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Client side: run the TLS handshake on ``writer``'s connection and return streams
+    that read and write through it (the old ones must not be used any more)."""
+    loop = asyncio.get_running_loop()
+    raw = writer.transport
+    new_reader = asyncio.StreamReader(limit=limit, loop=loop)
+    proto = asyncio.StreamReaderProtocol(new_reader, loop=loop)
+    layer = TlsLayer(raw, session, _StreamApp(proto))  # type: ignore[arg-type]
+    raw.set_protocol(layer)
+    proto.connection_made(layer)  # type: ignore[arg-type]
+    layer.start()
+    await layer.handshake_done
+    new_writer = asyncio.StreamWriter(layer, proto, new_reader, loop)  # type: ignore[arg-type]
+    return new_reader, new_writer
