@@ -10,6 +10,7 @@ from typing import Any
 from nbdqcow.block.driver import BlockDriver
 from nbdqcow.block.locking import Access, ImageLocked
 from nbdqcow.errors import ImageOpenError
+from nbdqcow.image import compress as _compress  # noqa: F401  (registers compress)
 from nbdqcow.image import drivers as _drivers  # noqa: F401  (fills the registry)
 from nbdqcow.image.context import FILE_PROTOCOLS, OpenContext, file_options, read_head
 from nbdqcow.image.options import NodeOptions
