@@ -77,6 +77,7 @@ class Kind:
     snapshot: bool = False  # an internal snapshot taken after the prefill
     prefill_zeroed: bool = False  # then zeroed by qemu-io (zero clusters keeping their host)
     expect_growth: bool = False
+    compress: bool = False  # some writes are compressed (Qcow2Driver.write_compressed)
 
 
 KINDS = [
@@ -94,6 +95,9 @@ KINDS = [
     Kind("v3-1k-release-smallcache", "cluster_size=1024,refcount_bits=16", mapping="release",
          cache_size=4 * KiB, max_len=8 * KiB),
     Kind("v3-64k-thin", "cluster_size=65536", mapping="thin", prefill=512 * KiB),
+    # compressed clusters packed byte-wise into shared host clusters, freed and reused
+    Kind("compress-4k-release", "cluster_size=4096", mapping="release", compress=True,
+         max_len=16 * KiB),
     # internal snapshot: "preserve" moves the snapshot's copy (unshare.py), "release"
     # copies on write as qemu; the snapshot must read back unchanged in every state
     Kind("snapshot-v3-64k", "cluster_size=65536", prefill=1 * MiB, snapshot=True),
@@ -198,6 +202,7 @@ class Run:
     ops: list[GuestOp]
     flushed: list[bytes]  # guest content at each completed flush (index 0: the start)
     final: bytes
+    compressed: int = 0  # compressed writes the engine took
 
 
 def random_script(kind: Kind, img: Path, rng: random.Random) -> list[dict[str, Any]]:
@@ -218,7 +223,13 @@ def random_script(kind: Kind, img: Path, rng: random.Random) -> list[dict[str, A
             continue
         off, length = random_range(rng, size, cluster, unit, max_len)
         opr: dict[str, Any] = {"off": off, "len": length}
-        if r < 0.6:
+        if kind.compress and r < 0.45:
+            # whole clusters; the engine refuses allocated ones (then nothing changes)
+            first = off // cluster if rng.random() < 0.3 else rng.randrange(size // cluster)
+            n = min(rng.randint(1, 4), size // cluster - first)
+            opr.update(op="compress", off=first * cluster, len=n * cluster, clusters=n,
+                       seed=rng.getrandbits(32), fua=False)
+        elif r < 0.6:
             opr.update(op="write", seed=rng.getrandbits(32), fua=rng.random() < 0.15)
         elif r < 0.8:
             opr.update(op="zero", unmap=rng.random() < 0.5, fua=False)
@@ -228,14 +239,25 @@ def random_script(kind: Kind, img: Path, rng: random.Random) -> list[dict[str, A
     return script
 
 
+def compressible(seed: int, length: int) -> bytes:
+    """Data that compresses well (runs of random bytes)."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < length:
+        out += bytes([rng.randrange(256)]) * rng.randint(1, 300)
+    return bytes(out[:length])
+
+
 def run_workload(kind: Kind, img: Path, content: bytes, script: list[dict[str, Any]]) -> Run:
     """Run ``script`` on the engine under the recorder, modelling what it promises."""
+    from nbdqcow.qcow2.compressing import CompressedWriteError
     from nbdqcow.qcow2.driver import Qcow2Driver
 
     unit, size, _ = image_geometry(str(img))
     model = Model(content, unit)
     ops: list[GuestOp] = []
     flushed = [bytes(content)]
+    compressed = 0
 
     def open_drv() -> Qcow2Driver:
         return Qcow2Driver.open(str(img), writable=True, mapping=kind.mapping,
@@ -261,16 +283,27 @@ def run_workload(kind: Kind, img: Path, content: bytes, script: list[dict[str, A
             rec.mark("op", j)
             if opr["op"] == "write":
                 drv.pwrite(payload(opr["seed"], length), off, fua=opr["fua"])
+            elif opr["op"] == "compress":
+                data = compressible(opr["seed"], length)
+                cs = length // opr["clusters"]
+                for k in range(0, length, cs):  # cluster by cluster: a refusal is per cluster
+                    try:
+                        drv.write_compressed(data[k:k + cs], off + k)
+                        model.data[off + k:off + k + cs] = data[k:k + cs]
+                        compressed += 1
+                    except CompressedWriteError:
+                        pass  # already allocated: refused before anything changed
             elif opr["op"] == "zero":
                 drv.write_zeroes(off, length, may_unmap=opr["unmap"])
             else:
                 drv.discard(off, length)
-            model.apply(opr)
+            if opr["op"] != "compress":
+                model.apply(opr)
             s, e = off // SECTOR * SECTOR, min(size, -(-(off + length) // SECTOR) * SECTOR)
             ops.append(GuestOp(off, off + length, bool(opr.get("fua")), s,
                                bytes(model.data[s:e])))
             rec.mark("done", j)
-    return Run(rec, ops, flushed, bytes(model.data))
+    return Run(rec, ops, flushed, bytes(model.data), compressed)
 
 
 def promises_at(run: Run, index: int) -> Promises:
@@ -419,6 +452,8 @@ def power_loss_run(kind: Kind, tmp: Path, budget: int, seed: int,
         must(["qemu-img", "convert", "-l", "snap1", "-O", "raw", str(img), str(snap)])
         if snap.read_bytes() != content:
             failures.append("qemu-img reads the internal snapshot changed")
+    if kind.compress:
+        assert run.compressed, "no compressed write was taken"
     if kind.expect_growth:
         assert struct.unpack_from(">Q", real, 48) != struct.unpack_from(">Q", start_header, 48), (
             "the refcount table did not grow: the kind does not test what it claims")
