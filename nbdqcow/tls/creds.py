@@ -11,7 +11,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from nbdqcow.tls.priority import versions
-from nbdqcow.tls.psk import PskContext, read_psk_file
+from nbdqcow.tls.psk import PskContext, anon_context, anon_session, read_psk_file
 from nbdqcow.tls.session import SslSession, TlsError, TlsSession
 
 _TLS = {2: ssl.TLSVersion.TLSv1_2, 3: ssl.TLSVersion.TLSv1_3}
@@ -154,17 +154,8 @@ class AnonCreds(TlsCreds):
 
     def __post_init__(self) -> None:
         self.kind = "anon"
-        ctx = self._ssl_context()
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.endpoint == "client":
-            ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_ciphers("aNULL:!eNULL:@SECLEVEL=0")
         dh = _file(self.dir, "dh-params.pem", False) if self.dir else None
-        if dh and self.endpoint == "server":
-            ctx.load_dh_params(dh)
-        self.ctx = ctx
+        self.ctx = anon_context(self.endpoint == "server", dh)
 
     def session(self, hostname: str | None = None) -> TlsSession:
-        return SslSession(self.ctx, self.endpoint == "server")
+        return anon_session(self.ctx, self.endpoint == "server")

@@ -78,6 +78,8 @@ class TlsLayer(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         #: done when the TLS handshake succeeded (result) or failed (exception)
         self.handshake_done: asyncio.Future[None] = self._loop.create_future()
+        # a server side failure is logged by on_failure; nobody awaits the future then
+        self.handshake_done.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def start(self) -> None:
         """Client side: send the ClientHello."""

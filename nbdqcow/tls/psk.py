@@ -13,13 +13,37 @@ is what GnuTLS peers (qemu, libnbd) offer.
 from __future__ import annotations
 
 import binascii
+import tempfile
 from typing import Any
 
 from nbdqcow.tls.session import OpenSslSession, TlsError
 
 #: TLS 1.2 suites (GnuTLS's "+ECDHE-PSK:+DHE-PSK:+PSK" in qemu's PSK priority)
 PSK_CIPHERS = b"ECDHE-PSK:DHE-PSK:PSK:!NULL:!3DES"
-_SSL_CTRL_SET_DH_AUTO = 118
+
+#: The ffdhe2048 group of RFC 7919 (a published constant, as ``certtool --get-dh-params``
+#: prints it): the DH parameters used when ``dir`` has no ``dh-params.pem``, as GnuTLS
+#: servers do.  OpenSSL's automatic DH choice is not reachable from Python.
+FFDHE2048_PEM = b"""-----BEGIN DH PARAMETERS-----
+MIIBDAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAgICAQA=
+-----END DH PARAMETERS-----
+"""
+
+
+def load_dh(ctx: Any, dh_params: str | None) -> None:
+    """DH parameters for a pyOpenSSL server context: ``dh-params.pem`` or ffdhe2048."""
+    if dh_params:
+        ctx.load_tmp_dh(dh_params.encode())
+        return
+    with tempfile.NamedTemporaryFile(suffix=".pem") as f:
+        f.write(FFDHE2048_PEM)
+        f.flush()
+        ctx.load_tmp_dh(f.name.encode())
 
 
 def read_psk_file(path: str) -> dict[str, bytes]:
@@ -54,6 +78,32 @@ def _ptr_key(ffi: Any, ssl_ptr: Any) -> int:
     return int(ffi.cast("uintptr_t", ssl_ptr))
 
 
+def anon_context(server: bool, dh_params: str | None = None) -> Any:
+    """A pyOpenSSL context for anonymous Diffie-Hellman (TLS 1.2; qemu's ``+ANON-DH``):
+    Python's ssl cannot switch on OpenSSL's automatic DH parameters, pyOpenSSL's context
+    can (through the same bindings)."""
+    from OpenSSL import SSL
+
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(b"aNULL:!eNULL:@SECLEVEL=0")
+    if server:
+        load_dh(ctx, dh_params)
+    return ctx
+
+
+def anon_session(ctx: Any, server: bool) -> OpenSslSession:
+    from OpenSSL import SSL
+
+    conn = SSL.Connection(ctx, None)
+    if server:
+        conn.set_accept_state()
+    else:
+        conn.set_connect_state()
+    return OpenSslSession(conn, lambda: None)
+
+
 class PskContext:
     """A pyOpenSSL context with a PSK callback (server: key by identity; client: one
     identity and key)."""
@@ -78,10 +128,7 @@ class PskContext:
         ctx.set_cipher_list(PSK_CIPHERS)
         raw = ctx._context  # the SSL_CTX* pyOpenSSL wraps
         if server:
-            if dh_params:
-                ctx.load_tmp_dh(dh_params.encode())
-            elif hasattr(lib, "SSL_CTX_ctrl"):
-                lib.SSL_CTX_ctrl(raw, _SSL_CTRL_SET_DH_AUTO, 1, ffi.NULL)
+            load_dh(ctx, dh_params)
             self._cb = ffi.callback(
                 "unsigned int(SSL *, char *, unsigned char *, unsigned int)",
                 self._server_cb, error=0)

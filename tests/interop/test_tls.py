@@ -271,6 +271,18 @@ def test_psk_authz_by_username(pki: Pki, server, image: Path) -> None:
         assert "TLS psk authz check for alice is denied" in s.log.read_text()
 
 
+def test_anon_qemu_io(server, image: Path) -> None:
+    """tls-creds-anon (anonymous DH, TLS 1.2): qemu-io's anon client reads and writes."""
+    _, start = server
+    s = start(image, "--object", "tls-creds-anon,id=tls0,endpoint=server", "--tls-creds",
+              "tls0", "-t", name="e")
+    r = run(require_tool("qemu-io"), "--object", "tls-creds-anon,id=tls1,endpoint=client",
+            "--image-opts", qemu_blockdev(s).replace(",tls-hostname=localhost", ""),
+            "-c", "write -P 0x77 0 128k", "-c", "read -P 0x77 0 128k")
+    assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+    assert nbdinfo("--size", f"nbd+unix:///e?socket={s.socket}").returncode != 0
+
+
 # --- command line errors --------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [
     ["--object", "foo,id=x"],
