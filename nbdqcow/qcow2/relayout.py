@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 from nbdqcow.block.hostfile import HostFile, copy_mode, remove_file, replace_file, sync_path
 from nbdqcow.block.locking import Access, ImageLocked
@@ -131,6 +133,167 @@ def _copy_cluster(src: Qcow2Driver, dst: Qcow2Driver, gc: int) -> None:
     dst.l2_cache.mark_dirty(l2off)
 
 
+#: data is copied through a buffer this large: consecutive guest clusters are
+#: consecutive in the new file, so each buffer goes out in few large writes
+COPY_CHUNK = 8 << 20
+
+
+class _Batch:
+    """Guest-contiguous plain data gathered from wherever it lies in the old file, then
+    written to the new file in large writes that leave out all-zero clusters (the fresh
+    data area reads as zeros already).  Each buffer is read and written by one of a few
+    threads, so reads and writes overlap (as qemu-img convert keeps several requests in
+    flight)."""
+
+    BUFFERS = 6
+    THREADS = 4
+
+    def __init__(self, src: Qcow2Driver, dst: Qcow2Driver) -> None:
+        self.src, self.dst = src, dst
+        self.cs = dst.geo.cluster_size
+        self.free = [bytearray(COPY_CHUNK) for _ in range(self.BUFFERS)]
+        self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="relayout")
+        self.inflight: deque[tuple[Future[None], bytearray]] = deque()
+        self.buf = self.free.pop()
+        self.pieces: list[tuple[int, int, int]] = []  # (offset in buf, length, old host)
+        self.guest = 0  # guest offset of buf[0]
+        self.used = 0
+        self.host = 0  # where buf[0] goes in the new file
+
+    def add(self, guest: int, n: int, src_host: int) -> None:
+        while n:
+            if self.used and (self.guest + self.used != guest or self.used == COPY_CHUNK):
+                self.flush()
+            if not self.used:
+                self.guest = guest
+                self.host = _dst_host(self.dst, guest)
+            k = min(n, COPY_CHUNK - self.used)
+            self.pieces.append((self.used, k, src_host))
+            self.used += k
+            guest, n, src_host = guest + k, n - k, src_host + k
+
+    def flush(self) -> None:
+        used, cs, dst = self.used, self.cs, self.dst
+        if not used:
+            return
+        # the new layout maps every cluster of the batch right after the previous one
+        delta = self.host - self.guest
+        first = self.guest & ~(cs - 1)
+        for g in range(first, self.guest + used, cs):
+            if _dst_host(dst, max(g, self.guest)) - max(g, self.guest) != delta:
+                raise NbdqcowError("relayout: the new image is not laid out at one offset")
+        buf = self.buf
+        self.inflight.append((self.pool.submit(
+            _copy_batch, self.src.data_file, self.pieces, dst.file, buf, used, cs,
+            self.host), buf))
+        self.pieces = []
+        if not self.free:
+            fut, done = self.inflight.popleft()
+            fut.result()
+            self.free.append(done)
+        self.buf = self.free.pop()
+        self.used = 0
+
+    def finish(self) -> None:
+        """Flush, wait for every write (re-raising its error), stop the threads."""
+        try:
+            self.flush()
+            while self.inflight:
+                self.inflight.popleft()[0].result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _copy_batch(src: HostFile, pieces: list[tuple[int, int, int]], file: HostFile,
+                buf: bytearray, used: int, cs: int, host: int) -> None:
+    """Read ``pieces`` (offset in buf, length, host offset in ``src``) into ``buf``, then
+    write buf[:used] at ``host`` of ``file``, all-zero clusters left out."""
+    import numpy as np
+
+    view = memoryview(buf)
+    for at, n, src_host in pieces:
+        src.preadinto(view[at:at + n], src_host)
+    whole = used - used % cs
+    nonzero = np.frombuffer(buf, dtype=np.uint64, count=whole // 8).reshape(
+        -1, cs // 8).any(axis=1).tolist() if whole else []
+    if whole < used:
+        nonzero.append(buf.count(0, whole, used) != used - whole)
+    mv = memoryview(buf)
+    i = 0
+    while i < len(nonzero):
+        if not nonzero[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(nonzero) and nonzero[j]:
+            j += 1
+        a, b = i * cs, min(j * cs, used)
+        file.pwrite(mv[a:b], host + a)
+        i = j
+
+
+def _dst_host(dst: Qcow2Driver, guest: int) -> int:
+    geo = dst.geo
+    table = dst.l2_cache.get(dst.l1[geo.offset_to_l1_index(guest)] & L.L1E_OFFSET_MASK)
+    return (table[geo.offset_to_l2_index(guest)] & OFF_MASK) + (guest & (geo.cluster_size - 1))
+
+
+def _set_entries(dst: Qcow2Driver, start: int, n: int, zero: bool) -> None:
+    """Clusters of [start, start+n) read as zeros (ZERO flag on their preallocated entry)
+    or fall through to the backing file (no host cluster: entry 0, cluster freed), as
+    :func:`_copy_cluster` does one by one."""
+    geo = dst.geo
+    cs = geo.cluster_size
+    gc, end = start // cs, (start + n + cs - 1) // cs
+    while gc < end:
+        pos = gc * cs
+        l2off = dst.l1[geo.offset_to_l1_index(pos)] & L.L1E_OFFSET_MASK
+        table = dst.l2_cache.get(l2off)
+        idx = geo.offset_to_l2_index(pos)
+        stop = min(end - gc, geo.l2_size - idx) + idx
+        for i in range(idx, stop):
+            host = table[i] & OFF_MASK
+            if zero:
+                table[i] = host | COPIED | L.QCOW_OFLAG_ZERO
+            else:
+                table[i] = 0
+                dst.refcounts.free_later(host >> geo.cluster_bits)
+        dst.l2_cache.mark_dirty(l2off)
+        gc += stop - idx
+
+
+def _copy_standard(src: Qcow2Driver, dst: Qcow2Driver, progress: Progress | None) -> None:
+    """:func:`_copy_cluster` for standard L2 tables, run by run: plain data through a
+    :class:`_Batch`, the other states entry by entry."""
+    batch = _Batch(src, dst)
+    try:
+        _copy_runs(src, dst, batch, progress)
+    finally:
+        batch.finish()
+
+
+def _copy_runs(src: Qcow2Driver, dst: Qcow2Driver, batch: _Batch,
+               progress: Progress | None) -> None:
+    cs = dst.geo.cluster_size
+    total = dst.geo.size_to_clusters(src.size)
+    for start, n, t, sh in src.runs(0, src.size):
+        if t is SC.NORMAL:
+            batch.add(start, n, sh)
+        elif t in _ZERO or t is SC.UNALLOCATED_PLAIN:
+            zero = t in _ZERO or src.backing is None
+            if zero and dst.header.version < 3:
+                pass  # version 2: the fresh data area already reads as zeros
+            else:
+                _set_entries(dst, start, n, zero)
+        else:
+            batch.flush()
+            for gc in range(start // cs, (start + n + cs - 1) // cs):
+                _copy_cluster(src, dst, gc)
+        done = (start + n + cs - 1) // cs
+        if progress is not None:
+            progress(done, total)
+
+
 def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int,
                src_host: int | None) -> None:
     """Copy guest bytes to ``host`` in the new file; ``src_host``: where they are in the
@@ -175,17 +338,27 @@ def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
     remove_file(tmp)  # left over by an interrupted run
     opts = _options(src, prealloc or _choose_prealloc(src), target)
     data_offset = plan_layout(src.size, opts).data_offset or 0
-    create_qcow2(tmp, src.size, opts)
+    # falloc: the data area is allocated after the copy, not before: writing into
+    # allocated-but-unwritten extents is several times slower than into holes (ext4),
+    # and the end result is the same file
+    falloc_after = opts.preallocation == "falloc"
+    create_qcow2(tmp, src.size, replace(opts, preallocation="metadata")
+                 if falloc_after else opts)
     try:
         dst = Qcow2Driver.open(tmp, writable=True, backing=no_backing)
         try:
             total = dst.geo.size_to_clusters(src.size)
-            for gc in range(total):
-                _copy_cluster(src, dst, gc)
-                if progress is not None:
-                    progress(gc + 1, total)
-                if _pause:
-                    time.sleep(_pause)
+            if dst.geo.extended_l2 or _pause:
+                for gc in range(total):
+                    _copy_cluster(src, dst, gc)
+                    if progress is not None:
+                        progress(gc + 1, total)
+                    if _pause:
+                        time.sleep(_pause)
+            else:
+                _copy_standard(src, dst, progress)
+            if falloc_after:
+                dst.file.allocate(data_offset, total * dst.geo.cluster_size)
         finally:
             dst.close()
         if os.path.exists(target):
