@@ -112,7 +112,7 @@ def parse_json_filename(name: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise OptsError(f"Could not parse the JSON options: {e.msg}") from None
     if not isinstance(tree, dict):
-        raise OptsError("Could not parse the JSON options: a JSON object is expected")
+        raise OptsError("Invalid JSON object given")
     return crumple(tree)
 
 

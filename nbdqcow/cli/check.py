@@ -62,7 +62,7 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         backing = _open_backing_chain(file, path, access)
         try:
-            res = check_file(file, path, args.repair)
+            res = check_file(file, args.file, args.repair)  # qemu-img names it as given
         finally:
             if backing is not None:
                 backing.close()

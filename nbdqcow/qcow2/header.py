@@ -130,7 +130,7 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     """Parse and validate the header found at the start of ``buf`` (the first cluster,
     or as much of the file as exists up to 2 MiB)."""
     if len(buf) < L.HEADER_V2_LENGTH or buf[:4] != L.QCOW_MAGIC:
-        raise ImageOpenError("not a qcow2 image (bad magic or truncated header)")
+        raise ImageOpenError("Image is not in qcow2 format")
     h = HeaderV2.parse(buf)
     if h.version not in (2, 3):
         raise UnsupportedFeature(f"unsupported qcow2 version {h.version}")
