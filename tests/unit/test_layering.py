@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "qcow2": {"block"},
     "block": set(),
     "nbd": set(),
-    "nbdclient": {"nbd"},
+    "nbdclient": {"nbd", "tls"},
 }
 #: standard modules a layer may not import
 FORBIDDEN_STDLIB = {"nbd": {"asyncio", "socket", "ssl", "selectors", "uvloop"}}
