@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from nbdqcow import __version__
 from nbdqcow.block.locking import ImageLocked
-from nbdqcow.errors import NbdqcowError
+from nbdqcow.errors import ImageError, ImageOpenError, NbdqcowError
 
 # subcommand modules, in help order, with their one-line help: a command line imports
 # only the module of the command it names (start-up time; tests/unit/test_cli_help.py
@@ -98,7 +98,7 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
         print(f"{parser.prog}: {locked_message(args, e)}", file=sys.stderr)
         return 1
     except NbdqcowError as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
+        print(f"{parser.prog}: {_naming_the_file(args, e)}", file=sys.stderr)
         return 1
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
@@ -106,6 +106,20 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _naming_the_file(args: argparse.Namespace, e: NbdqcowError) -> str:
+    """Every error about an image names it, as qemu-img's do ("Could not open 'F': ...")."""
+    msg = str(e)
+    name = getattr(args, "file", None) or getattr(args, "filename", None)
+    names = getattr(args, "names", None)  # bitmap FILE NAME
+    if name is None and isinstance(names, list) and names:
+        name = names[0]
+    if not isinstance(name, str) or not name or name in msg or not isinstance(e, ImageError):
+        return msg
+    if isinstance(e, ImageOpenError):
+        return f"Could not open '{name}': {msg}"
+    return f"'{name}': {msg}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

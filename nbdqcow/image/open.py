@@ -61,6 +61,8 @@ def open_image(
     except ImageLocked as e:
         raise e.within(f"Could not open '{name}': ") from None
     except ImageOpenError as e:
+        if str(e).startswith(f"Could not open '{name}'"):
+            raise
         raise type(e)(f"Could not open '{name}': {e}") from None
     except OptsError as e:
         raise ImageOpenError(f"Could not open '{name}': {e}") from None

@@ -92,3 +92,24 @@ def test_list_flags_match_qemu_nbd(image: Path, nbdqcow_server, qemu_nbd_server)
         outs.append([ln for ln in r.stdout.splitlines() if "flags:" in ln])
         srv.stop()
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["info"], ["check"], ["map"], ["snapshot", "-l"], ["relayout"], ["bitmap", "--add"],
+    ["layout", "-o", "x.svg"],
+])
+def test_every_image_error_names_the_file(tmp_path: Path, argv: list[str]) -> None:
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(200))
+    extra = ["b0"] if argv[0] == "bitmap" else []
+    r = subprocess.run([sys.executable, "-m", "nbdqcow", *argv, str(bad), *extra],
+                       capture_output=True, text=True, env=repo_env(), cwd=tmp_path)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0], r.stderr
+
+
+def test_missing_image_named_once(tmp_path: Path) -> None:
+    r = _nbdqcow_nbd("-k", str(tmp_path / "s.sock"), str(tmp_path / "nosuch.raw"))
+    assert r.returncode == 1
+    assert r.stderr.count("Could not open") == 1 and "nosuch.raw" in r.stderr, r.stderr
