@@ -1,29 +1,49 @@
 """``nbdqcow layout FILE -o picture.svg|picture.png``: draw the guest -> host runs.
 
-The top strip is the guest disk, the bottom strip the host file, on the same byte scale;
-bands join each mapped guest run to its host clusters (blue where host = guest + the
-image's usual offset, red where a cluster is out of place).  Colors say the kind
+The top strip is the guest disk.  With few runs, the host file is a strip below on the
+same byte scale and bands join each mapped guest run to its host clusters (blue where
+host = guest + the image's usual offset, red where a cluster is out of place).  With
+many runs, every pixel aggregates what falls on it: a strip under the guest disk gives
+each guest pixel the colour of its displacement (blue: in place; warm: the host copy
+lies later in the file than the usual offset puts it, cool: earlier; paler: a small
+displacement), and a map below puts each guest pixel (x) at its host position (y),
+with the host file as a strip on the left.  Colours of the strips say the kind
 (metadata, data, kept zero, reserved, compressed, unallocated, free).  PNG is written
-without extra dependencies (own rasterizer, 5x7 font, zlib).
+without extra dependencies (numpy raster, 5x7 font with lower case, zlib).  Past one
+second, a progress bar on a terminal (or with -p).
 """
 
 from __future__ import annotations
 
 import argparse
-import struct
 import sys
-import zlib
-from dataclasses import dataclass
-from xml.sax.saxutils import escape
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from nbdqcow.cli.images import add_image_opts, qcow2_file_of
 from nbdqcow.cli.locks import add_force_share, read_access
+from nbdqcow.cli.picture import (
+    Band,
+    Raster,
+    Rect,
+    Shape,
+    Text,
+    rgb,
+    text_width,
+    to_png,
+    to_svg,
+)
 from nbdqcow.cli.sizes import format_size
 from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.layout_view import (
     KIND_LABEL,
+    GuestRun,
     Kind,
+    MappingSummary,
     guest_runs,
     host_kinds,
     host_runs,
@@ -38,51 +58,106 @@ COLORS = {
 IN_PLACE = "#2f7fd8"
 OUT_OF_PLACE = "#d62728"
 W = 1000
-LEGEND_Y = 350
-X0, X1 = 70, 970
+X0, X1 = 120, 970
 GUEST_Y, HOST_Y, STRIP_H = 90, 260, 34
+#: more mapped runs than this: aggregated pixels instead of one band per run
+BAND_MAX = 300
+DISP_Y, DISP_H = GUEST_Y + STRIP_H + 4, 14
+MAP_Y, MAP_H = DISP_Y + DISP_H + 30, 220
+# displacement colours: later in the file (warm), earlier (cool); pale when small
+_LATER = ((250, 205, 60), (200, 30, 30))
+_EARLIER = ((110, 215, 190), (110, 40, 170))
+_EMPTY = (246, 246, 246)
+Arr = npt.NDArray[Any]
 
 
-@dataclass(frozen=True)
-class Rect:
-    x: float
-    y: float
-    w: float
-    h: float
-    color: str
+class Bar:
+    """A progress bar on stderr that appears only once the work has taken a second."""
+
+    def __init__(self, enabled: bool, after: float = 1.0) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.after = after
+        self.shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or time.monotonic() - self.start < self.after:
+            return
+        pct = done * 100 // max(1, total)
+        if pct != self.shown:
+            self.shown = pct
+            filled = 40 * done // max(1, total)
+            sys.stderr.write(f"\r    ({pct:3d}/100%) [{'#' * filled}{' ' * (40 - filled)}]")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown >= 0:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
-@dataclass(frozen=True)
-class Band:  # top edge (y0, a0..a1), bottom edge (y1, b0..b1)
-    y0: float
-    a0: float
-    a1: float
-    y1: float
-    b0: float
-    b1: float
-    color: str
-    opacity: float
+def displacement_colors(disp: Arr, span: int) -> Arr:
+    """RGB for displacements (bytes, host - guest - usual offset): blue at 0."""
+    t = np.clip(np.abs(disp.astype(np.float64)) / max(1, span), 0, 1) ** 0.35
+    out = np.empty((len(disp), 3), dtype=np.float64)
+    for sign, (lo, hi) in ((disp > 0, _LATER), (disp < 0, _EARLIER)):
+        a, b = np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64)
+        out[sign] = a + (b - a) * t[sign, None]
+    out[disp == 0] = rgb(IN_PLACE)
+    return out.astype(np.uint8)
 
 
-@dataclass(frozen=True)
-class Text:
-    x: float
-    y: float  # baseline
-    s: str
-    size: int
-    color: str = "#000000"
-    anchor: str = "start"
-
-
-Shape = Rect | Band | Text
-
-
-def build_scene(path: str, d: Qcow2Driver) -> list[Shape]:
-    runs = guest_runs(d)
+def build_scene(path: str, d: Qcow2Driver, bar: Bar | None = None
+                ) -> tuple[list[Shape], MappingSummary]:
+    runs = guest_runs(d, bar)
     cs = d.geo.cluster_size
     summary = summarize(runs, cs, d.header.has_data_file)
     kinds = host_kinds(d, runs)
     file_size = d.file.size()
+    out: list[Shape] = [
+        Text(X0, 30, f"{path}: {format_size(d.size)} guest, {format_size(file_size)} file, "
+                     f"cluster {format_size(cs)}", 16),
+        Text(X0, 56, summary.verdict, 16,
+             "#1a7f37" if summary.constant else OUT_OF_PLACE),
+    ]
+    mapped = sum(1 for r in runs if r.host is not None)
+    if mapped <= BAND_MAX:
+        legend_y = _bands(out, d, runs, kinds, summary, file_size)
+        extra: list[tuple[str, str]] = [("in place", IN_PLACE), ("out of place", OUT_OF_PLACE)]
+    else:
+        legend_y = _pixels(out, d, runs, kinds, summary, file_size)
+        extra = [("in place", IN_PLACE), ("host later", "#c81e1e"),
+                 ("host earlier", "#6e28aa"), ("small shift", "#fac83c")]
+    shown = [k for k in Kind if any(r.kind is k for r in runs) or k in kinds]
+    items = [(KIND_LABEL[k], COLORS[k], True) for k in shown]
+    items += [(label, color, False) for label, color in extra]
+    lx, ly = float(X0), float(legend_y)
+    for label, color, box in items:
+        width = 16 + 8 + text_width(label, 14)
+        if lx + width > X1:
+            lx, ly = X0, ly + 28
+        if box:
+            out.append(Rect(lx, ly, 16, 16, "#444444"))
+            out.append(Rect(lx + 1, ly + 1, 14, 14, color))
+        else:
+            out.append(Rect(lx, ly + 4, 16, 8, color))
+        out.append(Text(lx + 22, ly + 15, label, 14))
+        lx += width + 16
+    # the background comes first and gives the picture its size
+    out.insert(0, Rect(0, 0, W, ly + 40, "#ffffff"))
+    return out, summary
+
+
+def _axis_labels(out: list[Shape], y: float, label: str, end: int, x_end: float) -> None:
+    out.append(Text(X0 - 8, y + 22, label, 14, anchor="end"))
+    out.append(Text(X0, y + STRIP_H + 16, "0", 12))
+    out.append(Text(x_end, y + STRIP_H + 16, f"{end:#x}", 12, anchor="end"))
+
+
+def _bands(out: list[Shape], d: Qcow2Driver, runs: list[GuestRun], kinds: bytearray,
+           summary: MappingSummary, file_size: int) -> float:
+    """Few runs: guest and host strips on one byte scale, a band per mapped run."""
+    cs = d.geo.cluster_size
     span = max(d.size, file_size, 1)
     scale = (X1 - X0) / span
 
@@ -92,199 +167,126 @@ def build_scene(path: str, d: Qcow2Driver) -> list[Shape]:
     def w(n: int) -> float:
         return max(n * scale, 1.0)
 
-    out: list[Shape] = [
-        Text(X0, 30, f"{path}: {format_size(d.size)} guest, {format_size(file_size)} file, "
-                     f"cluster {format_size(cs)}", 16),
-        Text(X0, 56, summary.verdict, 16,
-             "#1a7f37" if summary.constant else OUT_OF_PLACE),
-    ]
-    # shapes that land on the same pixels are drawn once (huge fragmented images)
-    seen: set[tuple[object, ...]] = set()
-
-    def add(shape: Rect | Band, key: tuple[object, ...]) -> None:
-        if key not in seen:
-            seen.add(key)
-            out.append(shape)
-
     for r in runs:
         if r.host is None:
             continue
         ok = summary.offset is not None and r.host - r.start == summary.offset
-        b = Band(GUEST_Y + STRIP_H, x(r.start), x(r.start) + w(r.length),
-                 HOST_Y, x(r.host), x(r.host) + w(r.length),
-                 IN_PLACE if ok else OUT_OF_PLACE, 0.25 if ok else 0.55)
-        add(b, (round(b.a0), round(b.a1), round(b.b0), round(b.b1), ok))
+        out.append(Band(GUEST_Y + STRIP_H, x(r.start), x(r.start) + w(r.length),
+                        HOST_Y, x(r.host), x(r.host) + w(r.length),
+                        IN_PLACE if ok else OUT_OF_PLACE, 0.25 if ok else 0.55))
     for r in runs:
-        g = Rect(x(r.start), GUEST_Y, w(r.length), STRIP_H, COLORS[r.kind])
-        add(g, ("g", round(g.x), round(g.w), r.kind))
+        out.append(Rect(x(r.start), GUEST_Y, w(r.length), STRIP_H, COLORS[r.kind]))
     for first, n, k in host_runs(kinds):
-        hr = Rect(x(first * cs), HOST_Y, w(n * cs), STRIP_H, COLORS[k])
-        add(hr, ("h", round(hr.x), round(hr.w), k))
-    for y, label, end in ((GUEST_Y, "guest", d.size), (HOST_Y, "host", file_size)):
-        out.append(Text(X0 - 8, y + 22, label, 14, anchor="end"))
-        out.append(Text(X0, y + STRIP_H + 16, "0", 12))
-        out.append(Text(x(end), y + STRIP_H + 16, f"{end:#x}", 12, anchor="end"))
-    shown = [k for k in Kind if any(r.kind is k for r in runs) or k in kinds]
-    items: list[tuple[str, Shape]] = [
-        (KIND_LABEL[k], Rect(0, 0, 16, 16, COLORS[k])) for k in shown]
-    items += [("in place", Rect(0, 4, 24, 8, IN_PLACE)),
-              ("out of place", Rect(0, 4, 24, 8, OUT_OF_PLACE))]
-    lx, ly = float(X0), float(LEGEND_Y)
-    for label, swatch in items:
-        assert isinstance(swatch, Rect)
-        width = swatch.w + 16 + 12 * len(label)
-        if lx + width > X1:
-            lx, ly = X0, ly + 28
-        if swatch.h == 16:
-            out.append(Rect(lx, ly, 16, 16, "#444444"))
-            out.append(Rect(lx + 1, ly + 1, 14, 14, swatch.color))
-        else:
-            out.append(Rect(lx, ly + swatch.y, swatch.w, swatch.h, swatch.color))
-        out.append(Text(lx + swatch.w + 6, ly + 15, label, 14))
-        lx += width + 12
-    # the background comes first and gives the picture its size
-    out.insert(0, Rect(0, 0, W, ly + 40, "#ffffff"))
-    return out
+        out.append(Rect(x(first * cs), HOST_Y, w(n * cs), STRIP_H, COLORS[k]))
+    _axis_labels(out, GUEST_Y, "guest", d.size, x(d.size))
+    _axis_labels(out, HOST_Y, "host", file_size, x(file_size))
+    return HOST_Y + STRIP_H + 56
 
 
-# ------------------------------------------------------------------ SVG
-def _size(scene: list[Shape]) -> tuple[int, int]:
-    bg = scene[0]
-    assert isinstance(bg, Rect)
-    return int(bg.w), int(bg.h)
+def _samples(runs: list[GuestRun], step: int, only_mapped: bool
+             ) -> tuple[Arr, Arr, Arr, Arr]:
+    """Points every ``step`` bytes of the runs: guest offset, host offset (or -1),
+    bytes each stands for, kind."""
+    sel = [r for r in runs if r.host is not None or not only_mapped]
+    if not sel:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z, z
+    start = np.fromiter((r.start for r in sel), np.int64, len(sel))
+    host = np.fromiter((-1 if r.host is None else r.host for r in sel), np.int64, len(sel))
+    length = np.fromiter((r.length for r in sel), np.int64, len(sel))
+    kind = np.fromiter((int(r.kind) for r in sel), np.int64, len(sel))
+    k = np.maximum(1, (length + step - 1) // step)
+    idx = np.repeat(np.arange(len(sel)), k)
+    off = (np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)) * step
+    h = np.where(host[idx] >= 0, host[idx] + off, -1)
+    return start[idx] + off, h, np.minimum(step, length[idx] - off), kind[idx]
 
 
-def to_svg(scene: list[Shape]) -> str:
-    W, H = _size(scene)  # noqa: N806
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-             f'viewBox="0 0 {W} {H}" font-family="sans-serif">']
-    for s in scene:
-        if isinstance(s, Rect):
-            parts.append(f'<rect x="{s.x:.2f}" y="{s.y:.2f}" width="{s.w:.2f}" '
-                         f'height="{s.h:.2f}" fill="{s.color}"/>')
-        elif isinstance(s, Band):
-            pts = (f"{s.a0:.2f},{s.y0:.2f} {s.a1:.2f},{s.y0:.2f} "
-                   f"{s.b1:.2f},{s.y1:.2f} {s.b0:.2f},{s.y1:.2f}")
-            parts.append(f'<polygon points="{pts}" fill="{s.color}" '
-                         f'fill-opacity="{s.opacity}"/>')
-        else:
-            parts.append(f'<text x="{s.x:.2f}" y="{s.y:.2f}" font-size="{s.size}" '
-                         f'fill="{s.color}" text-anchor="{s.anchor}">{escape(s.s)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+def _majority(bins: Arr, kind: Arr, weight: Arr, n: int) -> Arr:
+    """The kind that covers most of each of ``n`` bins (-1 where none)."""
+    nk = len(Kind)
+    acc = np.bincount(bins * nk + kind, weights=weight, minlength=n * nk).reshape(n, nk)
+    best = acc.argmax(axis=1)
+    return np.where(acc.max(axis=1) > 0, best, -1)
 
 
-# ------------------------------------------------------------------ PNG
-_FONT_SRC = {
-    "0": "0E11131519110E", "1": "040C040404040E", "2": "0E11010204081F",
-    "3": "1F02040201110E", "4": "02060A121F0202", "5": "1F101E0101110E",
-    "6": "0608101E11110E", "7": "1F010204080808", "8": "0E11110E11110E",
-    "9": "0E11110F01020C", "A": "0E1111111F1111", "B": "1E11111E11111E",
-    "C": "0E11101010110E", "D": "1C12111111121C", "E": "1F10101E10101F",
-    "F": "1F10101E101010", "G": "0E11101711110F", "H": "1111111F111111",
-    "I": "0E04040404040E", "J": "0702020202120C", "K": "11121418141211",
-    "L": "1010101010101F", "M": "111B1515111111", "N": "11111915131111",
-    "O": "0E11111111110E", "P": "1E11111E101010", "Q": "0E11111115120D",
-    "R": "1E11111E141211", "S": "0F10100E01011E", "T": "1F040404040404",
-    "U": "1111111111110E", "V": "11111111110A04", "W": "1111111515150A",
-    "X": "11110A040A1111", "Y": "1111110A040404", "Z": "1F01020408101F",
-    " ": "00000000000000", ":": "000C0C000C0C00", "=": "00001F001F0000",
-    "+": "0004041F040400", "-": "0000001F000000", ".": "00000000000C0C",
-    ",": "000000000C0408", "(": "02040808080402", ")": "08040202020408",
-    "/": "00010204081000", "%": "18190204081303", "_": "0000000000001F",
-    "'": "0C040800000000", "?": "0E110102040004",
-}
-FONT = {ch: [int(v[i:i + 2], 16) for i in range(0, 14, 2)]
-        for ch, v in _FONT_SRC.items()}
+def _palette() -> Arr:
+    return np.array([rgb(COLORS[k]) for k in Kind] + [_EMPTY], dtype=np.uint8)
 
 
-def _rgb(color: str) -> tuple[int, int, int]:
-    return int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)
-
-
-class Canvas:
-    def __init__(self, w: int, h: int) -> None:
-        self.w, self.h = w, h
-        self.px = bytearray(b"\xff" * (w * h * 3))
-
-    def _blend_span(self, y: int, xa: float, xb: float, rgb: tuple[int, int, int],
-                    alpha: float) -> None:
-        if not 0 <= y < self.h:
-            return
-        a = max(0, int(round(xa)))
-        b = min(self.w, max(int(round(xb)), a + 1))
-        if alpha >= 1:
-            row = bytes(rgb) * (b - a)
-            self.px[(y * self.w + a) * 3:(y * self.w + b) * 3] = row
-            return
-        for xx in range(a, b):
-            i = (y * self.w + xx) * 3
-            for k in range(3):
-                self.px[i + k] = int(self.px[i + k] * (1 - alpha) + rgb[k] * alpha)
-
-    def rect(self, r: Rect) -> None:
-        rgb = _rgb(r.color)
-        for y in range(int(round(r.y)), int(round(r.y + r.h))):
-            self._blend_span(y, r.x, r.x + r.w, rgb, 1.0)
-
-    def band(self, b: Band) -> None:
-        rgb = _rgb(b.color)
-        y0, y1 = int(round(b.y0)), int(round(b.y1))
-        for y in range(y0, y1):
-            t = (y - y0) / max(1, y1 - y0)
-            self._blend_span(y, b.a0 + (b.b0 - b.a0) * t, b.a1 + (b.b1 - b.a1) * t,
-                             rgb, b.opacity)
-
-    def text(self, t: Text) -> None:
-        scale = 2 if t.size >= 14 else 1
-        s = t.s.upper()
-        width = len(s) * 6 * scale
-        x = t.x - width if t.anchor == "end" else t.x
-        top = int(t.y) - 7 * scale
-        rgb = _rgb(t.color)
-        for n, ch in enumerate(s):
-            rows = FONT.get(ch, FONT["?"])
-            for ry, bits in enumerate(rows):
-                for rx in range(5):
-                    if bits >> (4 - rx) & 1:
-                        px = int(x) + (n * 6 + rx) * scale
-                        for dy in range(scale):
-                            self._blend_span(top + ry * scale + dy, px, px + scale, rgb, 1.0)
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\0" + bytes(self.px[y * self.w * 3:(y + 1) * self.w * 3])
-                       for y in range(self.h))
-
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return (struct.pack(">I", len(data)) + tag + data
-                    + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-
-        ihdr = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def to_png(scene: list[Shape]) -> bytes:
-    c = Canvas(*_size(scene))
-    for s in scene:
-        if isinstance(s, Rect):
-            c.rect(s)
-        elif isinstance(s, Band):
-            c.band(s)
-        else:
-            c.text(s)
-    return c.png()
+def _pixels(out: list[Shape], d: Qcow2Driver, runs: list[GuestRun], kinds: bytearray,
+            summary: MappingSummary, file_size: int) -> float:
+    """Many runs: per-pixel kinds, displacement colours and a guest x host map."""
+    cs = d.geo.cluster_size
+    gw = X1 - X0
+    span = max(d.size, 1)
+    fspan = max(file_size, 1)
+    pal = _palette()
+    step = max(1, min(cs, span // (gw * 4)))
+    g, _, wgt, kd = _samples(runs, max(step, span // (gw * 8)), False)
+    col = np.minimum(g * gw // span, gw - 1)
+    guest = pal[_majority(col, kd, wgt, gw)]
+    out.append(Raster(X0, GUEST_Y, np.repeat(guest[None, :, :], STRIP_H, axis=0)))
+    # displacement of the mapped samples
+    g, h, wgt, _ = _samples(runs, step, True)
+    usual = summary.offset or 0
+    disp = h - g - usual
+    col = np.minimum(g * gw // span, gw - 1)
+    row = np.minimum(h * MAP_H // fspan, MAP_H - 1)
+    strip = np.tile(np.array(_EMPTY, dtype=np.uint8), (gw, 1))
+    if len(g):
+        tot = np.bincount(col, weights=wgt, minlength=gw)
+        mean = np.bincount(col, weights=wgt * disp, minlength=gw) / np.maximum(tot, 1)
+        moved = np.bincount(col, weights=wgt * (disp != 0), minlength=gw)
+        mean = np.where(moved > 0, np.where(mean == 0, 1, mean), 0)
+        has = tot > 0
+        strip[has] = displacement_colors(mean[has], fspan)
+    out.append(Raster(X0, DISP_Y, np.repeat(strip[None, :, :], DISP_H, axis=0)))
+    # the map: x = guest, y = host; the usual offset as a faint line
+    panel = np.full((MAP_H, gw, 3), 255, dtype=np.uint8)
+    gx = np.arange(gw)
+    ly = ((gx * span // gw) + usual) * MAP_H // fspan
+    ok = (ly >= 0) & (ly < MAP_H)
+    panel[ly[ok], gx[ok]] = (200, 200, 200)
+    if len(g):
+        cell = row * gw + col
+        ncell = MAP_H * gw
+        tot = np.bincount(cell, weights=wgt, minlength=ncell)
+        moved = np.bincount(cell, weights=wgt * (disp != 0), minlength=ncell)
+        mean = np.bincount(cell, weights=wgt * disp, minlength=ncell) / np.maximum(tot, 1)
+        mean = np.where(moved > 0, np.where(mean == 0, 1, mean), 0)
+        cells = np.flatnonzero(tot > 0)
+        panel.reshape(-1, 3)[cells] = displacement_colors(mean[cells], fspan)
+    out.append(Rect(X0 - 1, MAP_Y - 1, gw + 2, MAP_H + 2, "#888888"))
+    out.append(Raster(X0, MAP_Y, panel))
+    # host file strip on the left, same vertical scale as the map
+    hk = np.frombuffer(bytes(kinds), dtype=np.uint8).astype(np.int64)
+    hrow = np.minimum(np.arange(len(hk), dtype=np.int64) * cs * MAP_H // fspan, MAP_H - 1)
+    host_col = pal[_majority(hrow, hk, np.ones(len(hk)), MAP_H)] if len(hk) else \
+        np.tile(np.array(_EMPTY, dtype=np.uint8), (MAP_H, 1))
+    out.append(Raster(X0 - 26, MAP_Y, np.repeat(host_col[:, None, :], 18, axis=1)))
+    out.append(Text(X0 - 8, GUEST_Y + 22, "guest", 14, anchor="end"))
+    out.append(Text(X0 - 8, DISP_Y + 11, "shift", 12, anchor="end"))
+    out.append(Text(X0, DISP_Y + DISP_H + 14, "0", 12))
+    out.append(Text(X1, DISP_Y + DISP_H + 14, f"{d.size:#x}", 12, anchor="end"))
+    out.append(Text(X0 - 32, MAP_Y + 12, "host", 14, anchor="end"))
+    out.append(Text(X0 - 32, MAP_Y + 30, "0", 12, anchor="end"))
+    out.append(Text(X0 - 32, MAP_Y + MAP_H, f"{file_size:#x}", 12, anchor="end"))
+    out.append(Text(X0 + 4, MAP_Y + MAP_H + 18, "x: guest offset, y: host offset; "
+                    "grey line: where the usual offset puts each cluster", 12, "#555555"))
+    return MAP_Y + MAP_H + 40
 
 
 # ------------------------------------------------------------------ command
 def run_layout(args: argparse.Namespace) -> int:
     path = qcow2_file_of(args)
+    bar = Bar(args.progress or (args.progress is None and sys.stderr.isatty()))
     d = Qcow2Driver.open(path, writable=False, access=read_access(args), backing=no_backing)
     try:
-        scene = build_scene(path, d)
-        verdict = summarize(guest_runs(d), d.geo.cluster_size, d.header.has_data_file).verdict
+        scene, summary = build_scene(path, d, bar)
     finally:
         d.close()
+        bar.close()
     out: str = args.output
     if out.lower().endswith(".png"):
         with open(out, "wb") as f:
@@ -293,7 +295,7 @@ def run_layout(args: argparse.Namespace) -> int:
         with open(out, "w", encoding="utf-8") as f:
             f.write(to_svg(scene))
     if not args.quiet:
-        sys.stdout.write(f"{verdict}\n")
+        sys.stdout.write(f"{summary.verdict}\n")
     return 0
 
 
@@ -302,6 +304,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("-o", "--output", required=True, metavar="PICTURE",
                    help="picture file: .svg, or .png")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the verdict")
+    p.add_argument("-p", dest="progress", action="store_true", default=None,
+                   help="show a progress bar past one second (default: on a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="never show the progress bar")
     add_force_share(p)
     add_image_opts(p)
     p.add_argument("file", metavar="FILE", help="the qcow2 image to draw")

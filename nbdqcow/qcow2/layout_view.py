@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -86,10 +87,23 @@ class MappingSummary:
                 f"clusters out of place")
 
 
-def guest_runs(d: Qcow2Driver) -> list[GuestRun]:
-    """Guest runs of one kind (mapped runs also contiguous on the host)."""
+def guest_runs(d: Qcow2Driver,
+               progress: Callable[[int, int], None] | None = None) -> list[GuestRun]:
+    """Guest runs of one kind (mapped runs also contiguous on the host).  ``progress``
+    is told (bytes done, bytes in all) as the walk goes."""
     out: list[GuestRun] = []
-    for start, n, t, host in d.runs(0, d.size):
+    step = 1 << 30
+    for pos in range(0, d.size, step):
+        if progress is not None:
+            progress(pos, d.size)
+        _guest_runs_into(out, d, pos, min(step, d.size - pos))
+    if progress is not None:
+        progress(d.size, d.size)
+    return out
+
+
+def _guest_runs_into(out: list[GuestRun], d: Qcow2Driver, offset: int, length: int) -> None:
+    for start, n, t, host in d.runs(offset, length):
         kind = _SC_KIND[t]
         h = host if t in _MAPPED else None
         if out:
@@ -100,7 +114,6 @@ def guest_runs(d: Qcow2Driver) -> list[GuestRun]:
                 out[-1] = GuestRun(p.start, p.length + n, kind, p.host)
                 continue
         out.append(GuestRun(start, n, kind, h))
-    return out
 
 
 def summarize(runs: list[GuestRun], cluster_size: int, external: bool = False) -> MappingSummary:

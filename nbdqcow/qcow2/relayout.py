@@ -280,7 +280,7 @@ def _copy_runs(src: Qcow2Driver, dst: Qcow2Driver, batch: _Batch,
         if t is SC.NORMAL:
             batch.add(start, n, sh)
         elif t in _ZERO or t is SC.UNALLOCATED_PLAIN:
-            zero = t in _ZERO or src.backing is None
+            zero = t in _ZERO or not src.header.backing_file
             if zero and dst.header.version < 3:
                 pass  # version 2: the fresh data area already reads as zeros
             else:
