@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nbdqcow.block.driver import DirtyBitmapSource, DirtyRun
+from nbdqcow.cli.images import add_image_opts, file_of
 from nbdqcow.cli.sizes import SizeError, parse_size
 from nbdqcow.errors import ImageOpenError, NbdqcowError
 from nbdqcow.image import probe_file
@@ -130,7 +131,7 @@ def _apply(args: argparse.Namespace, live: LiveBitmaps, op: str, arg: str | None
 def run_bitmap(args: argparse.Namespace) -> int:
     path, name = _check_args(args)
     _granularity(args.granularity)  # a bad -g is a usage error: the image is not touched
-    fmt = args.format or probe_file(path)
+    fmt, path = file_of(args, path)  # a file name, json: or --image-opts
     first_op = args.ops[0][0]
     if fmt != "qcow2":
         if fmt != "raw":
@@ -176,4 +177,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="with -b: format of SOURCE_FILE (qcow2 or raw; probed if absent)")
     p.add_argument("-f", dest="format", default=None, metavar="FMT",
                    help="format of FILE (qcow2; probed if absent)")
+    add_image_opts(p)
     p.add_argument("names", nargs="*", metavar="FILE NAME", help="the image and the bitmap")

@@ -217,6 +217,9 @@ def test_commands_take_json_and_image_opts_like_qemu_img(overlay: Path, disk: Pa
     # snapshots through a specification
     assert nbdqcow("snapshot", "-c", "s1", "--image-opts", top_opts).returncode == 0
     assert "s1" in run("qemu-img", "snapshot", "-l", str(overlay))
+    # and bitmaps
+    assert nbdqcow("bitmap", "--add", "--image-opts", top_opts, "b1").returncode == 0
+    assert '"name": "b1"' in run("qemu-img", "info", "--output=json", str(overlay))
     # a command that works on the file itself refuses what it cannot apply
     bad = nbdqcow("check", window)
     assert bad.returncode == 1 and "offset" in bad.stderr and "Traceback" not in bad.stderr
