@@ -12,7 +12,7 @@ from nbdqcow.errors import ImageOpenError
 from nbdqcow.image.backing import backing_opener
 from nbdqcow.image.context import FileRef, OpenContext, host_error
 from nbdqcow.image.options import MISSING, NodeOptions
-from nbdqcow.qcow2.backing import BackingOpener, no_backing
+from nbdqcow.qcow2.backing import BackingOpener, GivenBacking, no_backing
 from nbdqcow.qemuopts import OptsError
 
 _MIB = 1 << 20
@@ -93,7 +93,7 @@ def _backing(ctx: OpenContext, path: str, spec: Any) -> BackingOpener:
     if isinstance(spec, str):
         raise OptsError(f"Cannot find device='{spec}' nor node-name='{spec}'")
 
-    def given(name: str, fmt: str | None) -> BlockDriver:
+    def given() -> BlockDriver:
         try:
             return ctx.open_child(spec, writable=False, image=path)
         except ImageLocked as e:
@@ -103,4 +103,4 @@ def _backing(ctx: OpenContext, path: str, spec: Any) -> BackingOpener:
 
     if os.path.realpath(path) in ctx.chain:
         raise ImageOpenError(f"backing file loop: '{path}' is already in the chain")
-    return given
+    return GivenBacking(given)

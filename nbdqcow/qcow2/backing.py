@@ -24,6 +24,17 @@ def no_backing(name: str, fmt: str | None) -> BlockDriver | None:
     return None
 
 
+class GivenBacking:
+    """A backing file the caller chose (qemu's ``"backing": {...}`` option): the engine
+    uses it whatever the header names, also when the header names none, as qemu does."""
+
+    def __init__(self, open_backing: Callable[[], BlockDriver]) -> None:
+        self._open = open_backing
+
+    def __call__(self, name: str, fmt: str | None) -> BlockDriver | None:
+        return self._open()
+
+
 def backing_required(name: str, fmt: str | None) -> BlockDriver | None:
     """The default: an image with a backing file must be opened through the image
     layer, which opens the chain (reading it as if it had none would be wrong data)."""

@@ -26,7 +26,7 @@ from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.locking import Access
 from nbdqcow.errors import CorruptImage, ImageOpenError
 from nbdqcow.qcow2 import layout as L
-from nbdqcow.qcow2.backing import BackingOpener, backing_required
+from nbdqcow.qcow2.backing import BackingOpener, GivenBacking, backing_required
 from nbdqcow.qcow2.bitmap_store import LiveBitmaps
 from nbdqcow.qcow2.cache import TableCache
 from nbdqcow.qcow2.geometry import Geometry
@@ -212,10 +212,10 @@ class Qcow2Core:
 
     def _open_backing_and_repair(self, h: Header, writable: bool, snapshot: str | None,
                                  backing: BackingOpener) -> None:
-        if h.backing_file:
+        if h.backing_file or isinstance(backing, GivenBacking):
             if h.data_file_raw:
                 raise ImageOpenError("a raw external data file cannot have a backing file")
-            self.backing = backing(h.backing_file, h.backing_format)
+            self.backing = backing(h.backing_file or "", h.backing_format)
         if writable:
             if h.nb_snapshots:
                 from nbdqcow.qcow2.unshare import register_snapshot_metadata

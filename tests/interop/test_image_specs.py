@@ -223,3 +223,19 @@ def test_commands_take_json_and_image_opts_like_qemu_img(overlay: Path, disk: Pa
     # a command that works on the file itself refuses what it cannot apply
     bad = nbdqcow("check", window)
     assert bad.returncode == 1 and "offset" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_backing_spec_attaches_to_an_image_without_one(tmp_path: Path,
+                                                       nbdqcow_server: ServerFactory,
+                                                       qemu_nbd_server: ServerFactory) -> None:
+    """qemu uses a ``backing`` specification even when the header names no backing file."""
+    img = tmp_path / "alone.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "2M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 1M 64k", str(img))
+    fill = tmp_path / "fill.raw"
+    fill.write_bytes(b"\x77" * (2 * MiB))
+    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(img)},
+            "backing": {"driver": "raw", "file": {"driver": "file", "filename": str(fill)}}}
+    ours, theirs = _both(nbdqcow_server, qemu_nbd_server, "json:" + json.dumps(spec))
+    assert ours == theirs
+    assert ours[1][:16] == b"\x77" * 16 and ours[1][MiB : MiB + 16] == b"\x61" * 16
