@@ -77,7 +77,7 @@ def run_check(args: argparse.Namespace) -> int:
         sys.stdout.write(to_json(qemu_order(res.to_dict())) + "\n")
     elif not args.quiet:
         sys.stdout.write(human_report(res, bool(res.leaks_fixed or res.corruptions_fixed)))
-        sys.stdout.write(mapping_line(path, Access(force_share=access.force_share)))
+        sys.stdout.write(mapping_line(path, Access(force_share=access.force_share), res))
     return res.exit_code
 
 
@@ -100,9 +100,14 @@ def _open_backing_chain(file: HostFile, path: str, access: Access) -> BlockDrive
         return None
 
 
-def mapping_line(path: str, access: Access | None = None) -> str:
+def mapping_line(path: str, access: Access | None = None,
+                 res: CheckResult | None = None) -> str:
     """nbdqcow's own last line: the guest->host mapping in words (issue 4), e.g.
-    "Mapping: constant: host = guest + 0x50000"; empty if the image cannot be walked."""
+    "Mapping: constant: host = guest + 0x50000"; empty if the image cannot be walked.
+    A clean check's walk already knows where every cluster lies: no second walk then."""
+    if (res is not None and res.guest_map is not None and not res.corruptions
+            and not res.check_errors and not res.failure):
+        return f"Mapping: {res.guest_map.summary().verdict}\n"
     from nbdqcow.qcow2.layout_view import mapping_verdict
 
     verdict = mapping_verdict(path, access)

@@ -10,6 +10,8 @@ is zero.
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +22,9 @@ from nbdqcow.qcow2.geometry import Geometry
 from nbdqcow.qcow2.scan import allocated_mask, words_of
 
 U64 = npt.NDArray[np.uint64]
+
+if TYPE_CHECKING:
+    from nbdqcow.qcow2.layout_view import MappingSummary
 
 _COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)
 _COPIED = np.uint64(L.QCOW_OFLAG_COPIED)
@@ -49,13 +54,15 @@ def nonzero_entries(words: array[int], geo: Geometry) -> list[int]:
     return (idx * geo.l2_entry_words).tolist()  # type: ignore[no-any-return]
 
 
-def plain_entries(words: array[int] | U64, geo: Geometry, has_data_file: bool) -> U64 | None:
-    """The allocated entries of an L2 table, in table order, when the table holds
-    nothing the check has to report or handle one by one (compressed entries, reserved
-    bits, bad subcluster bitmaps, unaligned offsets); else None."""
+def plain_entries(words: array[int] | U64, geo: Geometry, has_data_file: bool
+                  ) -> tuple[npt.NDArray[np.intp], U64] | None:
+    """The allocated entries of an L2 table (their indices and values, in table order),
+    when the table holds nothing the check has to report or handle one by one
+    (compressed entries, reserved bits, bad subcluster bitmaps, unaligned offsets);
+    else None."""
     e, bm, idx = entries(words, geo)
     if not len(idx):
-        return np.zeros(0, dtype=np.uint64)
+        return idx, np.zeros(0, dtype=np.uint64)
     e = e[idx]
     if (e & (_COMP | _RESERVED)).any():
         return None
@@ -68,7 +75,7 @@ def plain_entries(words: array[int] | U64, geo: Geometry, has_data_file: bool) -
     e = e[alloc]
     if (e & _OFF & np.uint64(geo.cluster_size - 1)).any():
         return None
-    return e
+    return idx[alloc], e
 
 
 def host_offsets(e: U64) -> U64:
@@ -158,3 +165,43 @@ def stored_counts(stored: Stored, n: int) -> npt.NDArray[np.uint64] | None:
     if not parts:
         return np.zeros(0, dtype=np.uint64)
     return np.concatenate(parts)[:n]
+
+
+@dataclass
+class GuestMap:
+    """Where the active L1's allocated clusters lie, as the walk saw them: enough for the
+    mapping summary of ``nbdqcow check`` without a second walk (standard L2 tables)."""
+
+    cluster_size: int
+    l2_size: int
+    guest_size: int
+    tables: list[tuple[int, npt.NDArray[np.intp], U64]] = field(default_factory=list)
+
+    def summary(self) -> MappingSummary:
+        """What :func:`nbdqcow.qcow2.layout_view.mapping_summary` says of the image."""
+        from nbdqcow.qcow2.layout_view import MappingSummary
+
+        cs = self.cluster_size
+        if self.tables:
+            guest = np.concatenate([(np.int64(l1i) * self.l2_size + idx.astype(np.int64)) * cs
+                                    for l1i, idx, _ in self.tables])
+            host = np.concatenate([h.astype(np.int64) for _, _, h in self.tables])
+        else:
+            guest = host = np.zeros(0, dtype=np.int64)
+        keep = guest < self.guest_size
+        guest, host = guest[keep], host[keep]
+        if not len(guest):
+            return MappingSummary(cs, 0, 0, None, 0)
+        order = np.argsort(guest, kind="stable")
+        guest, host = guest[order], host[order]
+        nbytes = np.minimum(cs, self.guest_size - guest)
+        delta = host - guest
+        cont = (np.diff(guest) == cs) & (np.diff(host) == cs)
+        runs = int(len(guest) - np.count_nonzero(cont))
+        deltas, inv = np.unique(delta, return_inverse=True)
+        by_bytes = np.bincount(inv, weights=nbytes)
+        clusters = np.bincount(inv)
+        best = max(range(len(deltas)), key=lambda i: (by_bytes[i], -int(deltas[i])))
+        mapped = len(guest)
+        return MappingSummary(cs, mapped, runs, int(deltas[best]),
+                              mapped - int(clusters[best]))

@@ -36,6 +36,8 @@ class CheckResult:
     messages: list[str] = field(default_factory=list)
     # set when the check could not complete (qemu-img: "Check failed: <why>")
     failure: str | None = None
+    # the active clusters' places (check.bulk.GuestMap), when the walk saw them all
+    guest_map: Any = field(default=None, repr=False, compare=False)
 
     @property
     def exit_code(self) -> int:

@@ -68,6 +68,8 @@ def _one_pass(file: HostFile, header: Header, fix: int, res: CheckResult) -> Hea
         res.corruptions += _scratch.corruptions
         res.check_errors += _scratch.check_errors
     check_copied(file, header, geo, stored, fix, res, walk.kept)
+    if not fix:
+        res.guest_map = walk.guest_map
     res.image_end_offset = (highest + 1) * geo.cluster_size
     return header
 

@@ -62,6 +62,10 @@ class Walk:
         # the allocated entries of active L2 tables counted in bulk, for the COPIED check
         self.kept: dict[int, bulk.U64] = {}
         self.kept_entries = 0
+        # where the active clusters lie (standard L2, no data file), for the mapping line
+        self.guest_map: bulk.GuestMap | None = None
+        if not header.extended_l2 and not header.has_data_file:
+            self.guest_map = bulk.GuestMap(self.cs, self.geo.l2_size, header.size)
 
     def msg(self, text: str) -> None:
         self.res.messages.append(text)
@@ -91,8 +95,10 @@ class Walk:
     def l1(self, offset: int, l1_size: int, active: bool) -> None:
         self.inc(offset, l1_size * 8)
         table = load_u64(read_at(self.file, l1_size * 8, offset)) if l1_size else array("Q")
-        for e in table:
+        for l1i, e in enumerate(table):
             if e & L.L1E_RESERVED_MASK:
+                if active:
+                    self.guest_map = None
                 self.msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
                 self.res.corruptions += 1
             if not e:
@@ -104,25 +110,35 @@ class Walk:
                 self.msg(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; "
                          "L1 entry corrupted")
                 self.res.corruptions += 1
+                if active:
+                    self.guest_map = None
                 continue
-            self.l2(l2, active)
+            self.l2(l2, active, l1i)
 
-    def l2(self, offset: int, active: bool) -> None:
+    def l2(self, offset: int, active: bool, l1i: int = 0) -> None:
         geo, res = self.geo, self.res
         ext = geo.extended_l2
         raw = read_at(self.file, self.cs, offset)
         data_file = self.h.has_data_file
-        plain = bulk.plain_entries(bulk.load_words(raw), geo, data_file)
-        hosts = None if plain is None else bulk.host_offsets(plain)
-        if plain is not None and hosts is not None and (data_file or bulk.count_clusters(
-                self.ref, hosts, geo.cluster_bits, self.file_size, geo.refcount_max)):
-            if active:
-                if self.kept_entries + len(plain) <= KEEP_ENTRIES:
-                    self.kept[offset] = plain
-                    self.kept_entries += len(plain)
-                res.allocated_clusters += len(hosts)
-                res.fragmented_clusters += bulk.fragmented(hosts, self.cs)
-            return
+        found = bulk.plain_entries(bulk.load_words(raw), geo, data_file)
+        if found is not None:
+            idx, plain = found
+            hosts = bulk.host_offsets(plain)
+            if data_file or bulk.count_clusters(
+                    self.ref, hosts, geo.cluster_bits, self.file_size, geo.refcount_max):
+                if active:
+                    if self.kept_entries + len(plain) <= KEEP_ENTRIES:
+                        self.kept[offset] = plain
+                        self.kept_entries += len(plain)
+                        if self.guest_map is not None:
+                            self.guest_map.tables.append((l1i, idx, hosts))
+                    else:
+                        self.guest_map = None
+                    res.allocated_clusters += len(hosts)
+                    res.fragmented_clusters += bulk.fragmented(hosts, self.cs)
+                return
+        if active:
+            self.guest_map = None
         words = load_u64(raw)
         step = geo.l2_entry_words
         next_contiguous = 0

@@ -1,0 +1,49 @@
+"""``nbdqcow check``'s mapping line from the check's own walk (no second walk) says what
+the full mapping walk (layout_view.mapping_summary) says, on images qemu-io wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from imagegen import create, qemu_io
+
+from nbdqcow.block.hostfile import HostFile
+from nbdqcow.qcow2.backing import no_backing
+from nbdqcow.qcow2.check import check_file
+from nbdqcow.qcow2.driver import Qcow2Driver
+from nbdqcow.qcow2.layout_view import mapping_summary
+
+MiB = 1 << 20
+
+CASES = {
+    "empty": (8 * MiB, []),
+    "in place": (8 * MiB, ["write -P 1 0 8M"]),
+    "swapped": (8 * MiB, ["write -P 1 1M 1M", "write -P 2 0 1M", "write -P 3 6M 64k"]),
+    "zero and discard": (8 * MiB, ["write -P 1 0 2M", "write -z 512k 128k",
+                                   "discard 1M 64k", "write -P 4 5M 64k"]),
+    "partial last cluster": (8 * MiB + 4096, ["write -P 5 8M 4k", "write -P 6 0 64k"]),
+    "reversed": (4 * MiB, [f"write -P {i + 1} {(63 - i) * 65536} 64k" for i in range(64)]),
+    "two tables": (1200 * MiB, ["write -P 1 1100M 64k", "write -P 2 0 64k",
+                                "write -P 3 600M 128k"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mapping_line_from_the_walk(tmp_path: Path, qemu_tools: None, name: str) -> None:
+    size, cmds = CASES[name]
+    img = create(tmp_path / "img.qcow2", size, opts={"cluster_size": "65536"})
+    if cmds:
+        qemu_io(img, cmds)
+    f = HostFile(str(img), writable=False)
+    try:
+        res = check_file(f, str(img))
+    finally:
+        f.close()
+    assert res.guest_map is not None
+    d = Qcow2Driver.open(str(img), writable=False, backing=no_backing)
+    try:
+        want = mapping_summary(d)
+    finally:
+        d.close()
+    assert res.guest_map.summary() == want
