@@ -7,6 +7,12 @@ peak RSS (VmHWM of /proc/PID/status, reset between phases) and writes a "Memory"
 section into bench/RESULTS.md.
 
     .venv/bin/python bench/memory.py [--seconds 5] [--servers qemu-nbd,nbdqcow]
+
+With ``--abuse`` it runs bench/abuse.py's traffic instead, on the same terms for every
+server: 8 connections flooding 32 MiB READs without reading a reply, 4 sending part of a
+64 MiB WRITE and then nothing, 2 sending garbage after the greeting over and over, and a
+good client verifying what it writes and reads; peak RSS (VmRSS sampled every 50 ms, and
+VmHWM) and the good client's figures go to a "Memory under abuse" section.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import abuse  # noqa: E402
 from servers import REPO, SERVER_OPTS, Server, nbdqcow_serve_available  # noqa: E402
 
 from nbdqcow.nbdclient import Client, connect  # noqa: E402
@@ -83,10 +90,10 @@ async def measure(server: Server, size: int, seconds: float) -> dict[str, int | 
     return out
 
 
-def update_results(path: Path, section: str) -> None:
+def update_results(path: Path, section: str, title: str = "Memory") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"\n## Memory\n.*?(?=\n## |\Z)", re.S)
+    pattern = re.compile(r"\n## " + re.escape(title) + r"\n.*?(?=\n## |\Z)", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _m: "\n" + section.rstrip("\n") + "\n", text)
     else:
@@ -104,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         help="default bench/out/RESULTS.md (untracked); bench/RESULTS.md updates the committed "
         "figures; '' for none"
     )
+    p.add_argument("--abuse", action="store_true", help="the abuse scenario (see above)")
     args = p.parse_args(argv)
     kinds = [k for k in args.servers.split(",") if k]
     if "nbdqcow" in kinds and not nbdqcow_serve_available():
         print("memory: `nbdqcow serve` is not available yet; skipping it", file=sys.stderr)
         kinds.remove("nbdqcow")
+    if args.abuse:
+        return abuse_main(kinds, args.size * MiB, args.seconds, args.results)
     size = args.size * MiB
     rows = []
     with tempfile.TemporaryDirectory(prefix="nbdqcow-mem-", dir="/var/tmp") as tmp:
@@ -162,6 +172,71 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         update_results(Path(args.results), section)
         print(f"memory: updated {args.results}")
+    return 0
+
+
+def _image(work: Path, name: str, size: int) -> Path:
+    image = work / name
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)], check=True)
+    # real data everywhere: reads must move bytes, not holes
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -q -P 0x3c 0 {size}", str(image)],
+                   check=True, capture_output=True)
+    return image
+
+
+def abuse_main(kinds: list[str], size: int, seconds: float, results: str) -> int:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nbdqcow-abuse-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        for i, kind in enumerate(kinds):
+            image = _image(work, f"image{i}.qcow2", size)
+            server = Server(kind, kind, image, work / f"s{i}.sock")
+            server.start()
+            try:
+                time.sleep(0.3)
+                idle = server.status("VmRSS")
+                r = abuse.run_abuse(server.pid, server.sock, size, seconds, flooders=8,
+                                    stallers=4, garbage=2, request_size=32 * MiB,
+                                    write_size=64 * MiB, good_large=128 * 1024)
+                time.sleep(1.5)
+                r["idle_kib"] = idle
+                r["settled_kib"] = server.status("VmRSS")
+                r["alive"] = server.proc is not None and server.proc.poll() is None
+            finally:
+                server.stop()
+            rows.append((kind, r))
+            peak = max(int(str(r["peak_rss_kib"])), int(str(r["hwm_kib"])))
+            print(f"{kind:<10} idle {idle / 1024:6.1f} MiB  peak {peak / 1024:7.1f} MiB  "
+                  f"2 s after {int(str(r['settled_kib'])) / 1024:6.1f} MiB  good client: "
+                  f"{r['good_ops']} rounds, max {float(str(r['good_max_latency'])):.2f} s, "
+                  f"errors {r['good_errors'] or 'none'}", flush=True)
+    lines = [
+        "## Memory under abuse",
+        "",
+        f"`bench/memory.py --abuse`: {seconds:g} s of bench/abuse.py's traffic on a "
+        f"{size // MiB} MiB qcow2 (servers started with `{' '.join(SERVER_OPTS)}`): 8 "
+        "connections flooding 32 MiB READs without reading a reply, 4 sending 1 MiB of a "
+        "64 MiB WRITE and then nothing, 2 sending garbage after the greeting over and over, "
+        "and a good client (64 KiB write + read back + 128 KiB read, verified) all the while. "
+        "Peak RSS: the larger of VmRSS sampled every 50 ms and VmHWM.",
+        "",
+        "| server | idle RSS MiB | peak RSS MiB | RSS 2 s after MiB | flood requests taken | "
+        "good client rounds | good client max latency s | good client errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, r in rows:
+        peak = max(int(str(r["peak_rss_kib"])), int(str(r["hwm_kib"])))
+        lines.append(
+            f"| {kind} | {int(str(r['idle_kib'])) / 1024:.1f} | {peak / 1024:.1f} | "
+            f"{int(str(r['settled_kib'])) / 1024:.1f} | {r['flood_requests']} | "
+            f"{r['good_ops']} | {float(str(r['good_max_latency'])):.2f} | "
+            f"{len(r['good_errors']) if isinstance(r['good_errors'], list) else 0} |")
+    section = "\n".join(lines) + "\n"
+    print()
+    print(section)
+    if results:
+        update_results(Path(results), section, "Memory under abuse")
+        print(f"memory: updated {results}")
     return 0
 
 
