@@ -588,3 +588,17 @@ def test_only_hostfile_touches_image_files(tmp_path: Path) -> None:
         assert qemu_check(p) is None
     kinds = {e.kind for e in rec.events}
     assert {"write", "sync", "trunc", "rename"} <= kinds, kinds
+
+
+def test_snapshot_copy_moves_without_a_window(tmp_path: Path) -> None:
+    """Regression (unshare.py, ``preserve`` with an internal snapshot): the first write
+    to a cluster shared with the snapshot moves the snapshot's copy.  It used to change
+    the snapshot's L2 table while the live L1 on disk still reached it (qemu-img check:
+    "refcount=1 reference=2") and to drop the old cluster's refcount before the live
+    entry had its COPIED flag ("ERROR OFLAG_COPIED ... refcount=1")."""
+    kind = Kind("unshare", "cluster_size=65536", prefill=1 * MiB, snapshot=True)
+    _scripted(kind, tmp_path, [
+        {"op": "write", "off": 64 * KiB + 100, "len": 3000, "seed": 1, "fua": False},
+        {"op": "write", "off": 256 * KiB, "len": 128 * KiB, "seed": 2, "fua": True},
+        {"op": "discard", "off": 512 * KiB, "len": 64 * KiB},
+        {"op": "flush"}])
