@@ -1,7 +1,7 @@
 """Power loss: crash states rebuilt from every write and sync the engine makes.
 
 The SIGKILL tests (test_crash_safety.py) keep the page cache; a power cut keeps only
-what was synced.  Here the engine runs in-process (``Qcow2Driver.open`` / ``pwrite`` /
+what was synced.  Here the engine runs in-process (``open_image`` / ``pwrite`` /
 ``write_zeroes`` / ``discard`` / ``flush`` / ``close``) a random operation sequence on a
 small image while :class:`powerlog.Recorder` logs every change it makes to the image
 file and every sync.  Then, before each sync, crash states are built: the file as of
@@ -151,10 +151,10 @@ def qemu_read(img: Path, out: Path) -> bytes | str:
 
 def engine_read(img: Path, writable: bool, snapshot: str | None = None) -> bytes | str:
     from nbdqcow.errors import NbdqcowError
-    from nbdqcow.qcow2.driver import Qcow2Driver
+    from nbdqcow.image import open_image
 
     try:
-        drv = Qcow2Driver.open(str(img), writable=writable, snapshot=snapshot)
+        drv = open_image(str(img), "qcow2", writable=writable, snapshot=snapshot)
         try:
             return bytes(drv.pread(0, drv.size))
         finally:
@@ -266,6 +266,7 @@ def compressible(seed: int, length: int) -> bytes:
 
 def run_workload(kind: Kind, img: Path, content: bytes, script: list[dict[str, Any]]) -> Run:
     """Run ``script`` on the engine under the recorder, modelling what it promises."""
+    from nbdqcow.image import open_image
     from nbdqcow.qcow2.compressing import CompressedWriteError
     from nbdqcow.qcow2.driver import Qcow2Driver
 
@@ -276,8 +277,10 @@ def run_workload(kind: Kind, img: Path, content: bytes, script: list[dict[str, A
     compressed = 0
 
     def open_drv() -> Qcow2Driver:
-        return Qcow2Driver.open(str(img), writable=True, mapping=kind.mapping,
-                                cache_size=kind.cache_size)
+        drv = open_image(str(img), "qcow2", writable=True, mapping=kind.mapping,
+                         cache_size=kind.cache_size)  # opens the backing chain too
+        assert isinstance(drv, Qcow2Driver)
+        return drv
 
     with Recorder([str(img)]) as rec:
         rec.mark("open")
