@@ -11,7 +11,8 @@ identical.  The expected content comes from the model only, never from nbdqcow.
 Discard semantics expected (see the engine brief): units fully covered by the range
 (clusters, subclusters for extended L2) read as zeros afterwards, except in a
 version-2 image with a backing file, where they read the backing file's data; bytes
-of partially covered units are unchanged.  Under the default "preserve" mapping
+of partially covered units read either unchanged or as zeros (the engine erases the
+trimmed bytes of data the image holds alone, README "Mapping policy").  Under the default "preserve" mapping
 policy a version-2 image (no zero flag) keeps discarded clusters mapped and erases the
 data of those it holds alone: each fully covered unit reads either as before (nothing of
 this image there) or as zeros.  Kinds with mapping="release" check the qemu-like policy.
@@ -364,26 +365,32 @@ class EngineVsModel(RuleBasedStateMachine):
     @step
     def discard(self, rng: st.DataObject) -> None:
         off, length = self._range(rng, reuse_label="on-written")
-        if self.kind.discard_is_noop:
-            before = {u: self.drv.pread(u, n) for u, n in self._full_units(off, length)}
+        pieces = self._open_pieces(off, length)
+        before = {u: bytes(self.model[u : u + n]) for u, n in pieces}
         self.drv.discard(off, length)
         self._discard_model(off, length)
-        if self.kind.discard_is_noop:
-            # v2 under "preserve": a unit this image holds data for is erased (zeros),
-            # any other one is unchanged
-            for u, n in self._full_units(off, length):
-                got = self.drv.pread(u, n)
-                assert got in (before[u], bytes(n)), (
-                    f"{self.kind.name}: discarded unit at {u} neither unchanged nor zero")
-                self.model[u : u + n] = got
+        # the pieces the model cannot decide: each reads as before (nothing of this
+        # image alone there) or as zeros (erased)
+        for u, n in pieces:
+            got = self.drv.pread(u, n)
+            assert got in (before[u], bytes(n)), (
+                f"{self.kind.name}: discarded piece [{u}, {u + n}) neither unchanged nor zero")
+            self.model[u : u + n] = got
         self.touched.append((off, length))
 
-    def _full_units(self, off: int, length: int) -> list[tuple[int, int]]:
+    def _open_pieces(self, off: int, length: int) -> list[tuple[int, int]]:
+        """Partly covered units at both ends of a discard (and, for v2 under
+        "preserve", every fully covered unit)."""
         unit = self.kind.unit
-        first = -(-off // unit) * unit
         end = min(off + length, self.kind.size)
+        first = -(-off // unit) * unit
         last = end // unit * unit if end < self.kind.size else end
-        return [(u, min(unit, last - u)) for u in range(first, last, unit)]
+        head_end = min(first, end)
+        tail_start = max(last, head_end)
+        pieces = [(a, b - a) for a, b in ((off, head_end), (tail_start, end)) if b > a]
+        if self.kind.discard_is_noop:
+            pieces += [(u, min(unit, last - u)) for u in range(first, last, unit)]
+        return pieces
 
     @rule()
     @step
