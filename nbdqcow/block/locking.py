@@ -30,7 +30,7 @@ raw image, qemu-nbd export             read (+ write)          resize
 raw image, qemu-img/qemu-io            read (+ write)          --
 backing file (any layer below top)     read                    as its format says
 new file being created                 write, resize           resize
-any of these with -U / force-share     the same, minus write   --
+any of these with -U / force-share     read (info: --)         --
 =====================================  ======================  =====================
 """
 
