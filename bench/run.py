@@ -255,6 +255,11 @@ def write_results(
         if start >= 0:
             lines.append(old[start + 1 :].rstrip("\n"))
             lines.append("")
+    # keep the section bench/speed.py owns in the same file
+    old = path.read_text() if path.exists() else ""
+    a, b = old.find("<!-- bench/speed.py -->"), old.find("<!-- /bench/speed.py -->")
+    if 0 <= a < b and "<!-- bench/speed.py -->" not in "\n".join(lines):
+        lines += ["", old[a:b + len("<!-- /bench/speed.py -->")], ""]
     path.write_text("\n".join(lines))
 
 
