@@ -249,9 +249,10 @@ def write_results(
         text,
         "",
     ]
-    if path.exists():  # keep the section bench/memory.py maintains
+    if path.exists():  # keep the sections bench/memory.py and `run.py --tls` maintain
         old = path.read_text()
-        start = old.find("\n## Memory\n")
+        found = [i for i in (old.find("\n## Memory\n"), old.find("\n## TLS\n")) if i >= 0]
+        start = min(found) if found else -1
         if start >= 0:
             lines.append(old[start + 1 :].rstrip("\n"))
             lines.append("")

@@ -303,7 +303,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.decoder = RequestDecoder(extended=neg.extended, reserve=self._reserve_payload,
                                           reserve_min=CHARGE_MIN)
             self.dispatcher = Dispatcher(export, neg, self.send, self.flow, self.loop,
-                                         self.send_file)
+                                         self.send_file if self._sockfd >= 0 else None)
             self.flow.on_capacity = self._drain
             self.server.negotiated(self)
             if hs.leftover:
