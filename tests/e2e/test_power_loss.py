@@ -82,6 +82,7 @@ class Kind:
     # engine's first open repairs it.  A crash state still marked dirty is judged after
     # a repair (the dirty bit tells every opener to repair first), others strictly.
     dirty_start: bool = False
+    data_file: bool = False  # an external data file (its own writes and syncs)
 
 
 KINDS = [
@@ -97,6 +98,7 @@ KINDS = [
     Kind("v3-512-rc64", "cluster_size=512,refcount_bits=64", size=4 * MiB,
          cache_size=2 * KiB, prefill=1970 * KiB, max_len=32 * KiB, expect_growth=True),
     Kind("v3-64k-release", "cluster_size=65536", mapping="release"),
+    Kind("datafile-64k", "cluster_size=65536", data_file=True),
     Kind("v3-1k-release-smallcache", "cluster_size=1024,refcount_bits=16", mapping="release",
          cache_size=4 * KiB, max_len=8 * KiB),
     Kind("v3-64k-thin", "cluster_size=65536", mapping="thin", prefill=512 * KiB),
@@ -174,6 +176,11 @@ def make_image(kind: Kind, tmp: Path) -> tuple[Path, bytes]:
         must(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x11 0 640K",
               "-c", f"write -q -P 0x22 {kind.size // 2 + 3 * KiB} {300 * KiB + 1}", str(base)])
         args += ["-b", "base.qcow2", "-F", "qcow2"]
+    if kind.data_file:
+        # named by its absolute path where the crash states are built (crash/): the
+        # workload runs on it first, the crash states overwrite it afterwards
+        (tmp / "crash").mkdir(exist_ok=True)
+        args += ["-o", f"data_file={data_path(tmp)}"]
     must([*args, str(img), str(kind.size)])
     if kind.prefill:
         must(["qemu-io", "-f", "qcow2", "-c", f"write -q -P 0x5a 0 {kind.prefill}",
@@ -192,6 +199,10 @@ def make_image(kind: Kind, tmp: Path) -> tuple[Path, bytes]:
     os.fsync(fd)  # the starting point is durable
     os.close(fd)
     return img, content
+
+
+def data_path(tmp: Path) -> Path:
+    return tmp / "crash" / "img.data"
 
 
 def random_range(rng: random.Random, size: int, cluster: int, unit: int, max_len: int
@@ -282,7 +293,8 @@ def run_workload(kind: Kind, img: Path, content: bytes, script: list[dict[str, A
         assert isinstance(drv, Qcow2Driver)
         return drv
 
-    with Recorder([str(img)]) as rec:
+    tracked = [str(img)] + ([str(data_path(img.parent))] if kind.data_file else [])
+    with Recorder(tracked) as rec:
         rec.mark("open")
         drv = open_drv()
         for opr in [*script, {"op": "close"}]:
@@ -363,7 +375,7 @@ class Checker:
         self.snapshot = snapshot  # what snapshot "snap1" holds (never changes)
         self.repair_dirty = repair_dirty
         self.dir = tmp / "crash"
-        self.dir.mkdir()
+        self.dir.mkdir(exist_ok=True)
         self.img_name = img.name
         self.size = size
         self.cache: dict[str, tuple[str | None, bytes | None]] = {}
@@ -374,12 +386,17 @@ class Checker:
               ) -> tuple[str | None, bytes | None]:
         """(error, guest content) of a crash state; qemu results cached by content."""
         data = files[path]
-        key = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data)
+        for other in sorted(p for p in files if p != path):  # the data file
+            digest.update(files[other])
+        key = digest.hexdigest()
         if key in self.cache:
             return self.cache[key]
         t.unique += 1
         img = self.dir / self.img_name
         img.write_bytes(data)
+        for other in (p for p in files if p != path):
+            Path(other).write_bytes(files[other])
         result = self._examine(img, reopen, t)
         self.cache[key] = result
         return result
@@ -464,10 +481,11 @@ def power_loss_run(kind: Kind, tmp: Path, budget: int, seed: int,
 
     # the recorder saw everything: replaying the whole log gives the real file
     real = img.read_bytes()
-    replayed = replay_all(rec.base, rec.events)[path]
-    if bytes(replayed) != real:
-        failures.append("replaying the log does not give the final image file "
-                        "(something changed it behind the recorder)")
+    replayed_files = replay_all(rec.base, rec.events)
+    for p, content_now in replayed_files.items():
+        if bytes(content_now) != Path(p).read_bytes():
+            failures.append(f"replaying the log does not give the final {Path(p).name} "
+                            "(something changed it behind the recorder)")
     final = qemu_read(img, tmp / "final.raw")
     if final != run.final:
         failures.append("the final image does not read as the model")
