@@ -623,3 +623,20 @@ def test_snapshot_copy_moves_without_a_window(tmp_path: Path) -> None:
         {"op": "write", "off": 256 * KiB, "len": 128 * KiB, "seed": 2, "fua": True},
         {"op": "discard", "off": 512 * KiB, "len": 64 * KiB},
         {"op": "flush"}])
+
+
+def test_the_tier_fails_an_engine_that_does_not_sync(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker is not vacuous: with every fdatasync of the engine dropped, some
+    crash state must break an ordering rule (here: an L2 entry on disk without the data
+    or refcount block it needs)."""
+    for tool in ("qemu-img", "qemu-io"):
+        require_tool(tool)
+    from nbdqcow.block.hostfile import HostFile
+
+    monkeypatch.setattr(HostFile, "sync", lambda self: None)
+    kind = Kind("nosync", "cluster_size=512,refcount_bits=64", size=1 * MiB, prefill=29 * KiB)
+    _, failures = power_loss_run(kind, tmp_path, 150, SEED, [
+        {"op": "write", "off": 512 * KiB, "len": 4 * KiB, "seed": 1, "fua": False},
+        {"op": "flush"}])
+    assert failures, "dropping every sync went unnoticed"
