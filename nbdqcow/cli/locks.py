@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nbdqcow.block.locking import Access, ImageLocked
+from nbdqcow.block.locking import Access, ImageLocked, parse_locking
 from nbdqcow.errors import ImageOpenError
 
 U_HINT = "Use -U (--force-share) to read it anyway (the result may be inconsistent)."
@@ -18,12 +18,36 @@ def add_force_share(p: argparse.ArgumentParser, short: bool = True) -> None:
                         "writers (qemu's force-share); results may be inconsistent")
 
 
+def _spec_locks(args: argparse.Namespace) -> tuple[bool, bool]:
+    """(force-share, locking enabled) as the image's own specification (``json:`` or
+    ``--image-opts``) says: ``force-share=on`` on the format or file node, ``locking=
+    on|off|auto`` on the file node, which qemu-img honours as -U and as no locks."""
+    name = getattr(args, "file", None) or getattr(args, "filename", None)
+    image_opts = bool(getattr(args, "image_opts", False))
+    if not isinstance(name, str) or not (image_opts or name.startswith("json:")):
+        return False, True
+    from nbdqcow.image import image_tree
+    from nbdqcow.qemuopts import OptsError, parse_bool
+
+    try:
+        tree = image_tree(name, None, image_opts)
+        child = tree.get("file")
+        child = child if isinstance(child, dict) else {}
+        force = any(parse_bool(node.get("force-share", False), "force-share")
+                    for node in (tree, child))
+        locking = child.get("locking", "auto")
+        return force, parse_locking(locking if isinstance(locking, str) else "?")
+    except OptsError as e:
+        raise ImageOpenError(f"Could not open '{name}': {e}") from None
+
+
 def read_access(args: argparse.Namespace, io: bool = True, hint: str = U_HINT) -> Access:
     """How a read-only inspection opens its image; a refusal then suggests ``hint``."""
-    force = bool(getattr(args, "force_share", False))
+    spec_force, enabled = _spec_locks(args)
+    force = bool(getattr(args, "force_share", False)) or spec_force
     if not force:
         args.lock_hint = hint
-    return Access(io=io, force_share=force)
+    return Access(io=io, force_share=force, enabled=enabled)
 
 
 def locked_message(args: argparse.Namespace, e: ImageLocked) -> str:
@@ -44,8 +68,9 @@ def locked_message(args: argparse.Namespace, e: ImageLocked) -> str:
 
 def write_access(args: argparse.Namespace) -> Access:
     """How a command that modifies its image opens it (refuses -U as qemu-img does)."""
-    if getattr(args, "force_share", False):
+    spec_force, enabled = _spec_locks(args)
+    if getattr(args, "force_share", False) or spec_force:
         file = getattr(args, "file", None) or getattr(args, "filename", None)
         raise ImageOpenError(
             f"Could not open '{file}': force-share=on can only be used with read-only images")
-    return Access(write=True)
+    return Access(write=True, enabled=enabled)

@@ -262,6 +262,17 @@ def test_nbdqcow_refuses_an_image_qemu_nbd_serves(
         ok(nbdqcow(*cmd, str(img)))
     refused(nbdqcow("info", "--backing-chain", str(img)), sw, img)
     ok(nbdqcow("info", "-U", "--backing-chain", str(img)))
+    # the specification's own force-share=on / file.locking=off, as qemu-img honours them
+    spec = f"driver=qcow2,file.filename={img}"
+    ok(nbdqcow("info", "--image-opts", spec + ",force-share=on"))
+    ok(nbdqcow("check", "--image-opts", spec + ",file.locking=off"))
+    ok(nbdqcow("map", "--image-opts", spec + ",force-share=on"))
+    ok(nbdqcow("info", 'json:{"driver": "qcow2", "file": {"driver": "file", '
+                       f'"filename": "{img}", "locking": "off"}}}}'))
+    res = nbdqcow("check", "-r", "all", "--image-opts", spec + ",force-share=on")
+    assert res.returncode == 1
+    assert res.stderr == (f"nbdqcow: Could not open '{spec},force-share=on': force-share=on "
+                          "can only be used with read-only images\n")
     q.stop()
     ok(qemu("qemu-img", "check", str(img)))
 
