@@ -640,3 +640,13 @@ def test_the_tier_fails_an_engine_that_does_not_sync(tmp_path: Path,
         {"op": "write", "off": 512 * KiB, "len": 4 * KiB, "seed": 1, "fua": False},
         {"op": "flush"}])
     assert failures, "dropping every sync went unnoticed"
+
+
+def test_refcount_table_growth_every_state(tmp_path: Path) -> None:
+    """The refcount table moves (new table and blocks written and synced, then the
+    header, then the old table freed): every prefix and "all but one" of every step."""
+    kind = Kind("growth", "cluster_size=512,refcount_bits=64", size=4 * MiB,
+                prefill=1975 * KiB, expect_growth=True)
+    _scripted(kind, tmp_path, [
+        {"op": "write", "off": 3 * MiB, "len": 64 * KiB, "seed": 3, "fua": False},
+        {"op": "flush"}])
