@@ -128,7 +128,8 @@ def build_scene(path: str, d: Qcow2Driver, bar: Bar | None = None
         legend_y = _pixels(out, d, runs, kinds, summary, file_size)
         extra = [("in place", IN_PLACE), ("host later", "#c81e1e"),
                  ("host earlier", "#6e28aa"), ("small shift", "#fac83c")]
-    shown = [k for k in Kind if any(r.kind is k for r in runs) or k in kinds]
+    present = {r.kind for r in runs} | set(kinds)
+    shown = [k for k in Kind if k in present]
     items = [(KIND_LABEL[k], COLORS[k], True) for k in shown]
     items += [(label, color, False) for label, color in extra]
     lx, ly = float(X0), float(legend_y)

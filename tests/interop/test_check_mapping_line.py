@@ -1,5 +1,6 @@
 """``nbdqcow check``'s mapping line from the check's own walk (no second walk) says what
-the full mapping walk (layout_view.mapping_summary) says, on images qemu-io wrote."""
+the full mapping walk (layout_view.mapping_summary) says, on images qemu-io wrote; and
+the host cluster kinds of ``layout``, found in bulk, are the ones found one by one."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from nbdqcow.block.hostfile import HostFile
 from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.check import check_file
 from nbdqcow.qcow2.driver import Qcow2Driver
-from nbdqcow.qcow2.layout_view import mapping_summary
+from nbdqcow.qcow2.layout_view import (
+    GuestRun,
+    Kind,
+    _metadata_clusters,
+    guest_runs,
+    host_kinds,
+    mapping_summary,
+)
 
 MiB = 1 << 20
 
@@ -47,3 +55,50 @@ def test_mapping_line_from_the_walk(tmp_path: Path, qemu_tools: None, name: str)
     finally:
         d.close()
     assert res.guest_map.summary() == want
+
+
+def reference_host_kinds(d: Qcow2Driver, runs: list[GuestRun]) -> bytearray:
+    """The kinds of host clusters, one cluster at a time (the definition)."""
+    geo = d.geo
+    cb = geo.cluster_bits
+    n = geo.size_to_clusters(d.file.size())
+    kinds = bytearray(n)
+    rc = d.refcounts
+    for c in range(n):
+        if rc.get(c):
+            kinds[c] = Kind.OTHER
+
+    def mark(c: int, k: Kind) -> None:
+        if 0 <= c < n and not (kinds[c] == Kind.DATA and k in (Kind.KEPT_ZERO, Kind.RESERVED)):
+            kinds[c] = k
+
+    for c in _metadata_clusters(d):
+        mark(c, Kind.METADATA)
+    for r in runs:
+        if r.host is not None:
+            for c in range(r.host >> cb, ((r.host + r.length - 1) >> cb) + 1):
+                mark(c, r.kind)
+    for e in d.l1:
+        off = e & 0x00FFFFFFFFFFFE00
+        if off:
+            table = d.l2_cache.get(off)
+            for i in range(0, len(table), geo.l2_entry_words):
+                if table[i] & (1 << 62):
+                    for c in geo.compressed_host_clusters(table[i]):
+                        mark(c, Kind.COMPRESSED)
+    return kinds
+
+
+@pytest.mark.parametrize("ext", [False, True])
+def test_host_kinds_in_bulk(tmp_path: Path, qemu_tools: None, ext: bool) -> None:
+    opts = {"cluster_size": "65536"} | ({"extended_l2": "on"} if ext else {})
+    img = create(tmp_path / "img.qcow2", 16 * MiB, opts=opts)
+    qemu_io(img, ["write -P 1 1M 1M", "write -P 2 0 1M", "write -z 3M 64k",
+                  "write -c -P 3 5M 64k", "write -P 4 7M 4k", "write -z 9M 4k",
+                  "discard 1M 64k", "write -P 5 12M 64k"])
+    d = Qcow2Driver.open(str(img), writable=False, backing=no_backing)
+    try:
+        runs = guest_runs(d)
+        assert host_kinds(d, runs) == reference_host_kinds(d, runs)
+    finally:
+        d.close()
