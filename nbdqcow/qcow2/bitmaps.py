@@ -274,10 +274,14 @@ def validate_entry(e: BitmapEntry, header: Header, file_size: int,
 
 def find_dirty_bitmap(driver: object, name: str) -> DirtyBitmapSource:
     """The bitmap ``name`` of an open image, searched from the top of its backing chain
-    down as qemu-nbd does; the image must stay open while the bitmap is used."""
+    down as qemu-nbd does (through a filter such as ``compress`` to the image below it);
+    the image must stay open while the bitmap is used."""
+    from nbdqcow.block.compress import CompressFilter
     from nbdqcow.qcow2.driver import Qcow2Driver
 
     layer = driver
+    while isinstance(layer, CompressFilter):
+        layer = layer.inner
     while isinstance(layer, Qcow2Driver):
         live = layer.live_bitmaps
         if live is not None:  # a writable open: the bitmaps it keeps current

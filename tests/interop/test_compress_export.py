@@ -103,3 +103,27 @@ def test_json_spec_and_refusals(tmp_path: Path, nbdqcow_server: ServerFactory) -
                              capture_output=True, text=True, timeout=30, env=repo_env())
         assert res.returncode == 1 and words in res.stderr, res.stderr
         assert res.stderr.count("\n") == 1, res.stderr
+
+
+def test_bitmap_of_the_image_below_a_compress_export(tmp_path: Path,
+                                                     nbdqcow_server: ServerFactory,
+                                                     qemu_nbd_server: ServerFactory) -> None:
+    """-B finds the qcow2 image's bitmap through the filter (as qemu-nbd), and the
+    compressed writes mark it."""
+    nbd = pytest.importorskip("nbd")
+    maps = []
+    for name, start in (("ours", nbdqcow_server), ("ref", qemu_nbd_server)):
+        img = tmp_path / f"{name}.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M")
+        run("qemu-img", "bitmap", "--add", str(img), "b")
+        srv = start("--image-opts", "-t", "-B", "b", spec(img))
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)
+        h.pwrite(b"q" * 65536 * 2, 65536 * 3)
+        h.shutdown()
+        maps.append(run("nbdinfo", "--map=qemu:dirty-bitmap:b", srv.uri))
+        srv.stop()
+        stored = json.loads(run("qemu-img", "info", "--output=json", str(img)))
+        assert stored["format-specific"]["data"]["bitmaps"][0]["flags"] == ["auto"]
+    assert maps[0] == maps[1]
+    assert "196608      131072    1  dirty" in maps[0]
