@@ -36,8 +36,9 @@ class Qcow2Writer(Qcow2Reader):
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         self._check_writable(offset, n)
         with self._lock:
-            if self.live_bitmaps is not None:
-                self.live_bitmaps.mark(offset, n)
+            lb = self.live_bitmaps
+            if lb is not None and lb.enabled:  # enabled persistent bitmaps track writes
+                lb.mark(offset, n)
             host = self._inplace_range(offset, n)
             if host is None:
                 self._write(memoryview(data).cast("B"), offset)
