@@ -28,6 +28,7 @@ _COMMANDS = {
     "check": "check (and repair) an image (qemu-img check)",
     "snapshot": "internal snapshots (qemu-img snapshot)",
     "bitmap": "persistent dirty bitmaps (qemu-img bitmap)",
+    "convert": "copy an image, optionally compressed (qemu-img convert)",
     "layout": "draw the guest -> host layout (SVG or PNG)",
     "relayout": "rewrite an image so that host = guest + one constant",
     "ctl": "change or watch a running server (--control)",

@@ -1,0 +1,104 @@
+"""``nbdqcow convert``: qemu-img convert's common command line for one source image:
+``convert [-c] [-f FMT] [-O FMT] [-o OPTIONS] [-q] SOURCE TARGET``.
+
+The target is created (``create``'s options), then every run of the source that does not
+read as zeros is copied; the new image reads zeros elsewhere.  With ``-c`` (qcow2
+targets) every non-zero cluster is stored compressed (``Qcow2Driver.write_compressed``,
+the image's compression type), as ``qemu-img convert -c`` stores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from nbdqcow.block.driver import BlockDriver
+from nbdqcow.cli.create import parse_o
+from nbdqcow.errors import NbdqcowError
+from nbdqcow.image import open_image, probe_file
+from nbdqcow.qcow2.create import CreateError, create_image
+from nbdqcow.qcow2.driver import Qcow2Driver
+
+CHUNK = 4 << 20
+
+
+def _data_runs(src: BlockDriver, align: int) -> list[tuple[int, int]]:
+    """[start, end) runs of ``src`` that may hold non-zero data, widened to ``align``."""
+    runs: list[tuple[int, int]] = []
+    pos, size = 0, src.size
+    while pos < size:
+        extents = src.block_status(pos, min(size - pos, 1 << 30)) if src.caps.block_status \
+            else []
+        if not extents:
+            runs.append((pos, size))
+            break
+        for e in extents:
+            if not e.zero:
+                s = e.start - e.start % align
+                t = min(size, -(-(e.start + e.length) // align) * align)
+                if runs and s <= runs[-1][1]:
+                    runs[-1] = (runs[-1][0], max(runs[-1][1], t))
+                else:
+                    runs.append((s, t))
+        pos = extents[-1].start + extents[-1].length
+    return runs
+
+
+def copy(src: BlockDriver, dst: BlockDriver, compress: bool) -> None:
+    if compress:
+        assert isinstance(dst, Qcow2Driver)
+        cs = dst.cluster_size
+        for start, end in _data_runs(src, cs):
+            for pos in range(start, end, cs):
+                data = src.pread(pos, min(cs, end - pos))
+                if data.strip(b"\0"):  # an all-zero cluster stays unallocated
+                    dst.write_compressed(data, pos)
+        return
+    for start, end in _data_runs(src, 4096):
+        for pos in range(start, end, CHUNK):
+            data = src.pread(pos, min(CHUNK, end - pos))
+            if data.strip(b"\0"):
+                dst.pwrite(data, pos)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    if len(args.files) < 2:
+        raise NbdqcowError("Must specify image file name")
+    if len(args.files) > 2:
+        raise NbdqcowError("nbdqcow convert takes one source image")
+    source, target = args.files
+    out_fmt = args.out_format
+    if args.compress and out_fmt != "qcow2":
+        raise NbdqcowError("Compression not supported for this file format")
+    opts = parse_o(args.options or [])
+    src = open_image(source, args.format, writable=False)
+    try:
+        try:
+            create_image(target, src.size, out_fmt, opts, probe=probe_file)
+        except CreateError as e:
+            raise CreateError(f"{target}: {e}") from None
+        dst = open_image(target, out_fmt, writable=True)
+        try:
+            copy(src, dst, args.compress)
+            dst.flush()
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("convert", help="copy an image, optionally compressed "
+                                              "(qemu-img convert)")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="store the target's clusters compressed (qcow2 targets)")
+    p.add_argument("-f", dest="format", default=None, metavar="FMT",
+                   help="format of SOURCE (probed if absent)")
+    p.add_argument("-O", dest="out_format", default="raw", choices=("qcow2", "raw"),
+                   help="format of TARGET (default raw, like qemu-img)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="TARGET's creation options (as create -o), e.g. compression_type=zstd")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet (no progress is shown)")
+    p.add_argument("files", nargs="*", metavar="SOURCE TARGET",
+                   help="the image to copy and the image to create")
+    p.set_defaults(func=run_convert)
