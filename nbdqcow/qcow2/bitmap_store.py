@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nbdqcow.block.driver import DirtyRun
+from nbdqcow.block.hostfile import HostFile
 from nbdqcow.errors import ImageError, ImageOpenError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.bitmaps import (
@@ -346,6 +347,31 @@ class LiveBitmaps:
             b.stored = BitmapEntry(b.name, toff, tsize, flags, BME_TYPE_DIRTY_TRACKING,
                                    b.granularity_bits, 0)
             b.changed = False
+
+
+def read_stored_bitmaps(f: HostFile, header: Header) -> list[tuple[BitmapEntry, bytes]]:
+    """Every consistent bitmap of a (read-only) image with its data, validated; an
+    in-use (inconsistent) bitmap is refused, as qemu-img convert --bitmaps refuses it."""
+    out = []
+    for e in read_directory(f, header):
+        if e.in_use:
+            raise BitmapOpError(f"Bitmap '{e.name}' is inconsistent and cannot be used "
+                                "(remove it first)")
+        validate_entry(e, header, f.size())
+        reader = DirtyBitmap(f, e, header.cluster_size, header.size)
+        reader.check()
+        out.append((e, reader.read_data(0, (reader.nb_bits + 7) >> 3)))
+    return out
+
+
+def add_stored_bitmaps(live: LiveBitmaps, bitmaps: list[tuple[BitmapEntry, bytes]]) -> None:
+    """Add bitmaps read by :func:`read_stored_bitmaps` (same names, granularities,
+    enabled state and bits) to a writable open; stored at its close."""
+    for e, data in bitmaps:
+        live.add(e.name, e.granularity, enabled=e.auto)
+        b = live.get(e.name)
+        assert b.data is not None and len(b.data) == len(data)
+        b.data[:] = data
 
 
 def _with_extension(h: Header, ext: Extension | None) -> tuple[Extension, ...]:

@@ -23,6 +23,7 @@ from nbdqcow.block.locking import Access, ImageLocked
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.backing import no_backing
+from nbdqcow.qcow2.bitmap_store import BitmapOpError, add_stored_bitmaps, read_stored_bitmaps
 from nbdqcow.qcow2.create import Qcow2Options, create_qcow2, plan_layout
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.entries import SC
@@ -37,7 +38,7 @@ Progress = Callable[[int, int], None]
 
 
 class RelayoutError(NbdqcowError):
-    """The image cannot be relaid out (internal snapshots, bitmaps, data file...)."""
+    """The image cannot be relaid out (internal snapshots, in-use bitmaps, data file...)."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,6 @@ def _options(src: Qcow2Driver, prealloc: str, target: str) -> Qcow2Options:
                             "(delete the snapshots first)")
     if h.has_data_file:
         raise RelayoutError("an external data file already maps guest = host offsets")
-    if h.autoclear_features & L.AUTOCLEAR_BITMAPS:
-        raise RelayoutError("images with persistent bitmaps cannot be relaid out yet")
     policy = h.extension(L.EXT_NBDQCOW_POLICY)
     backing = h.backing_file
     if backing and not os.path.isabs(backing) and ":" not in backing:
@@ -337,6 +336,10 @@ def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
     tmp = tmp_path_for(target)
     remove_file(tmp)  # left over by an interrupted run
     opts = _options(src, prealloc or _choose_prealloc(src), target)
+    try:
+        bitmaps = read_stored_bitmaps(src.file, src.header)  # carried over, bit for bit
+    except BitmapOpError as e:
+        raise RelayoutError(str(e)) from None
     data_offset = plan_layout(src.size, opts).data_offset or 0
     # falloc: the data area is allocated after the copy, not before: writing into
     # allocated-but-unwritten extents is several times slower than into holes (ext4),
@@ -359,6 +362,9 @@ def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
                 _copy_standard(src, dst, progress)
             if falloc_after:
                 dst.file.allocate(data_offset, total * dst.geo.cluster_size)
+            if bitmaps:
+                assert dst.live_bitmaps is not None
+                add_stored_bitmaps(dst.live_bitmaps, bitmaps)
         finally:
             dst.close()
         if os.path.exists(target):

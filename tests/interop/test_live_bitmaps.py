@@ -182,3 +182,45 @@ def test_bitmap_in_backing_file_served_from_writable_overlay(
     assert maps[0] == maps[1]
     assert maps[0] == [(0, 2 * MiB, False), (2 * MiB, 128 * KiB, True),
                        (2 * MiB + 128 * KiB, 14 * MiB - 128 * KiB, False)]
+
+
+def test_relayout_carries_bitmaps(tmp_path: Path, qemu_nbd_server: ServerFactory) -> None:
+    import sys
+
+    img, before = tmp_path / "img.qcow2", tmp_path / "before.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 8M 1M", str(img))  # out of order
+    run("qemu-img", "bitmap", "--add", str(img), "b0")
+    run("qemu-img", "bitmap", "--add", "-g", "4k", str(img), "fine")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 2 0 100k", "-c", "write -P 3 5M 1", str(img))
+    run("qemu-img", "bitmap", "--disable", str(img), "fine")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 4 12M 64k", str(img))
+    shutil.copy(img, before)
+    maps = {}
+    for name in ("b0", "fine"):
+        srv = qemu_nbd_server(before, "-r", "-t", "-B", name)
+        maps[name] = dirty_map(srv.uri, name)
+        srv.stop()
+    res = subprocess.run([sys.executable, "-m", "nbdqcow", "relayout", "--no-progress", str(img)],
+                         capture_output=True, text=True, timeout=60, env=repo_env())
+    assert res.returncode == 0, res.stderr
+    assert info_bitmaps(img) == info_bitmaps(before)
+    check_clean(img)
+    run("qemu-img", "compare", "-q", str(img), str(before))
+    for name in ("b0", "fine"):
+        srv = qemu_nbd_server(img, "-r", "-t", "-B", name)
+        assert dirty_map(srv.uri, name) == maps[name], name
+        srv.stop()
+    # an in-use bitmap is refused, the image untouched
+    data = bytearray(img.read_bytes())
+    from nbdqcow.qcow2.header import parse_header
+    from nbdqcow.qcow2.layout import EXT_BITMAPS
+
+    ext = parse_header(bytes(data[: 2 * MiB]), len(data)).extension(EXT_BITMAPS)
+    assert ext is not None
+    data[int.from_bytes(ext[16:24], "big") + 15] |= 1
+    img.write_bytes(bytes(data))
+    res = subprocess.run([sys.executable, "-m", "nbdqcow", "relayout", "--no-progress", str(img)],
+                         capture_output=True, text=True, timeout=60, env=repo_env())
+    assert res.returncode == 1 and "inconsistent" in res.stderr, res.stderr
+    assert img.read_bytes() == bytes(data)
