@@ -97,6 +97,7 @@ KINDS = [
     # file; the refcount table (64 entries) grows past 2 MiB of host file.
     Kind("v3-512-rc64", "cluster_size=512,refcount_bits=64", size=4 * MiB,
          cache_size=2 * KiB, prefill=1970 * KiB, max_len=32 * KiB, expect_growth=True),
+    Kind("v2-64k", "cluster_size=65536,compat=0.10"),
     Kind("v3-64k-release", "cluster_size=65536", mapping="release"),
     Kind("datafile-64k", "cluster_size=65536", data_file=True),
     Kind("v3-1k-release-smallcache", "cluster_size=1024,refcount_bits=16", mapping="release",
@@ -266,6 +267,24 @@ def random_script(kind: Kind, img: Path, rng: random.Random) -> list[dict[str, A
     return script
 
 
+def settle_discard(model: Model, got: bytes, off: int) -> None:
+    """After a discard (TRIM) of [off, off+len(got)): whole discard units read as zeros
+    (the engine's promise); any other byte of the range is the client's to lose (NBD:
+    its content is unspecified) and may read its old value or zero (the engine erases
+    the trimmed bytes of data it holds alone), never anything else.  The model takes
+    what the engine shows."""
+    end = off + len(got)
+    old = bytes(model.data[off:end])
+    model.apply({"op": "discard", "off": off, "len": len(got)})
+    want = bytes(model.data[off:end])
+    if got != want:
+        for i, (g, w, o) in enumerate(zip(got, want, old)):
+            if g != w and not (g == 0 and w == o):
+                raise AssertionError(f"after a discard, guest byte {off + i} reads {g:#04x} "
+                                     f"(neither its old value {o:#04x} nor zero)")
+        model.data[off:end] = got
+
+
 def compressible(seed: int, length: int) -> bytes:
     """Data that compresses well (runs of random bytes)."""
     rng = random.Random(seed)
@@ -328,7 +347,9 @@ def run_workload(kind: Kind, img: Path, content: bytes, script: list[dict[str, A
                 drv.write_zeroes(off, length, may_unmap=opr["unmap"])
             else:
                 drv.discard(off, length)
-            if opr["op"] != "compress":
+            if opr["op"] == "discard":
+                settle_discard(model, drv.pread(off, length), off)
+            elif opr["op"] != "compress":
                 model.apply(opr)
             s, e = off // SECTOR * SECTOR, min(size, -(-(off + length) // SECTOR) * SECTOR)
             ops.append(GuestOp(off, off + length, bool(opr.get("fua")), s,
