@@ -278,7 +278,7 @@ def settle_discard(model: Model, got: bytes, off: int) -> None:
     model.apply({"op": "discard", "off": off, "len": len(got)})
     want = bytes(model.data[off:end])
     if got != want:
-        for i, (g, w, o) in enumerate(zip(got, want, old)):
+        for i, (g, w, o) in enumerate(zip(got, want, old, strict=True)):
             if g != w and not (g == 0 and w == o):
                 raise AssertionError(f"after a discard, guest byte {off + i} reads {g:#04x} "
                                      f"(neither its old value {o:#04x} nor zero)")
