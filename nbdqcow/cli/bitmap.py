@@ -14,6 +14,7 @@ from typing import Any
 
 from nbdqcow.block.driver import DirtyBitmapSource, DirtyRun
 from nbdqcow.cli.images import add_image_opts, file_of
+from nbdqcow.cli.locks import write_access
 from nbdqcow.cli.sizes import SizeError, parse_size
 from nbdqcow.errors import ImageOpenError, NbdqcowError
 from nbdqcow.image import probe_file
@@ -130,6 +131,7 @@ def _apply(args: argparse.Namespace, live: LiveBitmaps, op: str, arg: str | None
 
 def run_bitmap(args: argparse.Namespace) -> int:
     path, name = _check_args(args)
+    args.file = path  # the image as named, for qemu's lock messages and lock options
     _granularity(args.granularity)  # a bad -g is a usage error: the image is not touched
     fmt, path = file_of(args, path)  # a file name, json: or --image-opts
     first_op = args.ops[0][0]
@@ -138,7 +140,7 @@ def run_bitmap(args: argparse.Namespace) -> int:
             raise NbdqcowError(f"Unknown driver '{fmt}'")
         raise NbdqcowError(f"Operation {first_op} on bitmap {name} failed: Can't store "
                            f"persistent bitmaps to '{path}': Operation not supported")
-    drv = Qcow2Driver.open(path, writable=True, backing=no_backing)
+    drv = Qcow2Driver.open(path, writable=True, backing=no_backing, access=write_access(args))
     try:
         live = drv.live_bitmaps
         if live is None:  # pragma: no cover - every writable open of the active layer has it

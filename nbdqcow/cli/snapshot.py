@@ -46,17 +46,17 @@ def _qcow2_only(args: argparse.Namespace, write: bool = True) -> str:
 
 
 def create(args: argparse.Namespace) -> int:
-    create_snapshot(_qcow2_only(args), args.act_create)
+    create_snapshot(_qcow2_only(args), args.act_create, access=write_access(args))
     return 0
 
 
 def delete(args: argparse.Namespace) -> int:
-    delete_snapshot(_qcow2_only(args), args.act_delete)
+    delete_snapshot(_qcow2_only(args), args.act_delete, access=write_access(args))
     return 0
 
 
 def apply(args: argparse.Namespace) -> int:
-    apply_snapshot(_qcow2_only(args), args.act_apply)
+    apply_snapshot(_qcow2_only(args), args.act_apply, access=write_access(args))
     return 0
 
 

@@ -20,6 +20,7 @@ import time
 from array import array
 from collections.abc import Iterator
 
+from nbdqcow.block.locking import Access
 from nbdqcow.errors import ImageError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.backing import no_backing
@@ -203,8 +204,8 @@ def _free_l1_clusters(d: Qcow2Driver, offset: int, size: int) -> None:
         d.refcounts.update(c, -1)
 
 
-def _open(path: str) -> Qcow2Driver:
-    d = Qcow2Driver.open(path, writable=True, backing=no_backing)
+def _open(path: str, access: Access | None) -> Qcow2Driver:
+    d = Qcow2Driver.open(path, writable=True, backing=no_backing, access=access)
     try:
         if d.header.has_data_file:
             raise SnapshotError("internal snapshots are not supported with an external data file")
@@ -228,9 +229,10 @@ def _drop_unreferenced(d: Qcow2Driver, l1: array[int]) -> None:
 
 
 # ------------------------------------------------------------------ operations
-def create_snapshot(path: str, name: str, now_ns: int | None = None) -> Snapshot:
+def create_snapshot(path: str, name: str, now_ns: int | None = None,
+                    access: Access | None = None) -> Snapshot:
     """``qemu-img snapshot -c NAME``: record the current state of the disk."""
-    d = _open(path)
+    d = _open(path, access)
     try:
         snaps = read_snapshot_table(d.file, d.header)
         if any(s.name == name for s in snaps):
@@ -264,10 +266,10 @@ def create_snapshot(path: str, name: str, now_ns: int | None = None) -> Snapshot
         d.close()
 
 
-def delete_snapshot(path: str, key: str) -> Snapshot:
+def delete_snapshot(path: str, key: str, access: Access | None = None) -> Snapshot:
     """``qemu-img snapshot -d NAME`` (id or name): forget a snapshot and free what only
     it used."""
-    d = _open(path)
+    d = _open(path, access)
     try:
         snaps = read_snapshot_table(d.file, d.header)
         gone = snaps[find_snapshot(snaps, key)]
@@ -290,9 +292,9 @@ def delete_snapshot(path: str, key: str) -> Snapshot:
         d.close()
 
 
-def apply_snapshot(path: str, key: str) -> Snapshot:
+def apply_snapshot(path: str, key: str, access: Access | None = None) -> Snapshot:
     """``qemu-img snapshot -a NAME``: make the snapshot's state the active disk."""
-    d = _open(path)
+    d = _open(path, access)
     try:
         snaps = read_snapshot_table(d.file, d.header)
         snap = snaps[find_snapshot(snaps, key)]
