@@ -1,5 +1,6 @@
 """``nbdqcow convert``: qemu-img convert's common command line for one source image:
-``convert [-c] [-f FMT] [-O FMT] [-o OPTIONS] [-q] SOURCE TARGET``.
+``convert [-c] [--bitmaps [--skip-broken-bitmaps]] [-f FMT] [-O FMT] [-o OPTIONS] [-q]
+SOURCE TARGET``.
 
 The target is created (``create``'s options), then every run of the source that does not
 read as zeros is copied; the new image reads zeros elsewhere.  With ``-c`` (qcow2
@@ -10,11 +11,14 @@ the image's compression type), as ``qemu-img convert -c`` stores it.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from nbdqcow.block.driver import BlockDriver
 from nbdqcow.cli.create import parse_o
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.image import open_image, probe_file
+from nbdqcow.qcow2.bitmap_store import add_stored_bitmaps, read_stored_bitmaps
+from nbdqcow.qcow2.bitmaps import BitmapEntry
 from nbdqcow.qcow2.create import CreateError, create_image
 from nbdqcow.qcow2.driver import Qcow2Driver
 
@@ -60,7 +64,25 @@ def copy(src: BlockDriver, dst: BlockDriver, compress: bool) -> None:
                 dst.pwrite(data, pos)
 
 
+def _source_bitmaps(args: argparse.Namespace, src: BlockDriver,
+                    ) -> list[tuple[BitmapEntry, bytes]]:
+    """The persistent bitmaps ``--bitmaps`` copies: those of the source image itself."""
+    if not args.bitmaps or not isinstance(src, Qcow2Driver):
+        return []
+
+    def refuse(name: str) -> None:
+        raise NbdqcowError(f"Cannot copy inconsistent bitmap '{name}' (try "
+                           "--skip-broken-bitmaps, or remove it with 'nbdqcow bitmap --remove')")
+
+    def skip(name: str) -> None:
+        print(f"nbdqcow: warning: Skipping inconsistent bitmap '{name}'", file=sys.stderr)
+
+    return read_stored_bitmaps(src.file, src.header, skip if args.skip_broken else refuse)
+
+
 def run_convert(args: argparse.Namespace) -> int:
+    if args.skip_broken and not args.bitmaps:
+        raise NbdqcowError("Use of --skip-broken-bitmaps requires --bitmaps")
     if len(args.files) < 2:
         raise NbdqcowError("Must specify image file name")
     if len(args.files) > 2:
@@ -72,6 +94,9 @@ def run_convert(args: argparse.Namespace) -> int:
     opts = parse_o(args.options or [])
     src = open_image(source, args.format, writable=False)
     try:
+        bitmaps = _source_bitmaps(args, src)  # an inconsistent one is refused first
+        if args.bitmaps and out_fmt != "qcow2":
+            raise NbdqcowError(f"Format driver '{out_fmt}' does not support bitmaps")
         try:
             create_image(target, src.size, out_fmt, opts, probe=probe_file)
         except CreateError as e:
@@ -79,6 +104,9 @@ def run_convert(args: argparse.Namespace) -> int:
         dst = open_image(target, out_fmt, writable=True)
         try:
             copy(src, dst, args.compress)
+            if bitmaps:
+                assert isinstance(dst, Qcow2Driver) and dst.live_bitmaps is not None
+                add_stored_bitmaps(dst.live_bitmaps, bitmaps)
             dst.flush()
         finally:
             dst.close()
@@ -98,6 +126,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="format of TARGET (default raw, like qemu-img)")
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
                    help="TARGET's creation options (as create -o), e.g. compression_type=zstd")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy SOURCE's persistent dirty bitmaps too (qcow2 to qcow2)")
+    p.add_argument("--skip-broken-bitmaps", dest="skip_broken", action="store_true",
+                   help="with --bitmaps: leave out in-use (inconsistent) bitmaps, with a "
+                        "warning, instead of refusing")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet (no progress is shown)")
     p.add_argument("files", nargs="*", metavar="SOURCE TARGET",
                    help="the image to copy and the image to create")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -349,12 +350,18 @@ class LiveBitmaps:
             b.changed = False
 
 
-def read_stored_bitmaps(f: HostFile, header: Header) -> list[tuple[BitmapEntry, bytes]]:
+def read_stored_bitmaps(f: HostFile, header: Header,
+                        skip: Callable[[str], None] | None = None,
+                        ) -> list[tuple[BitmapEntry, bytes]]:
     """Every consistent bitmap of a (read-only) image with its data, validated; an
-    in-use (inconsistent) bitmap is refused, as qemu-img convert --bitmaps refuses it."""
+    in-use (inconsistent) bitmap is refused, as qemu-img convert --bitmaps refuses it,
+    or left out after calling ``skip(name)``."""
     out = []
     for e in read_directory(f, header):
         if e.in_use:
+            if skip is not None:
+                skip(e.name)
+                continue
             raise BitmapOpError(f"Bitmap '{e.name}' is inconsistent and cannot be used "
                                 "(remove it first)")
         validate_entry(e, header, f.size())

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,61 @@ def test_refusals_like_qemu_img(tmp_path: Path, source: Path) -> None:
         assert res.stderr.strip().removeprefix("nbdqcow: ") == \
             ref.stderr.strip().removeprefix("qemu-img: ")
     assert not (tmp_path / "x.raw").exists()
+
+
+def test_bitmaps_copied_like_qemu_img(tmp_path: Path) -> None:
+    src = tmp_path / "bm.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(src), "4M")
+    run("qemu-img", "bitmap", "--add", str(src), "a")
+    run("qemu-img", "bitmap", "--add", "--disable", "-g", "4k", str(src), "b")
+    run("qemu-io", "-f", "qcow2", "-c", "write 1M 10", "-c", "write 3M 100k", str(src))
+    got = {}
+    for name, conv in (("ours", lambda *a: ours(*a)),
+                       ("ref", lambda *a: subprocess.run(["qemu-img", "convert", *a],
+                                                         capture_output=True, text=True))):
+        dst = tmp_path / f"{name}.qcow2"
+        res = conv("--bitmaps", "-c", "-O", "qcow2", str(src), str(dst))
+        assert res.returncode == 0, res.stderr
+        info = json.loads(run("qemu-img", "info", "--output=json", str(dst)))
+        got[name] = info["format-specific"]["data"]["bitmaps"]
+        check(dst)
+        sock = tmp_path / f"{name}.sock"
+        # the bits, as qemu reads them
+        proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-B", "a", str(dst)])
+        try:
+            for _ in range(1000):
+                try:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(str(sock))
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            got[name + "-map"] = run("nbdinfo", "--map=qemu:dirty-bitmap:a",
+                                     f"nbd+unix:///?socket={sock}")
+        finally:
+            proc.kill()
+            proc.wait()
+    assert got["ours"] == got["ref"] and got["ours-map"] == got["ref-map"]
+    assert "1" in got["ours-map"]  # something is dirty
+    # refusals and the skip, as qemu-img
+    data = bytearray(src.read_bytes())
+    from nbdqcow.qcow2.header import parse_header
+    from nbdqcow.qcow2.layout import EXT_BITMAPS
+
+    ext = parse_header(bytes(data[: 2 * MiB]), len(data)).extension(EXT_BITMAPS)
+    assert ext is not None
+    data[int.from_bytes(ext[16:24], "big") + 15] |= 1  # 'a' in use
+    src.write_bytes(bytes(data))
+    for args in (["--bitmaps", "-O", "qcow2"], ["--bitmaps", "-O", "raw"],
+                 ["--skip-broken-bitmaps", "-O", "qcow2"]):
+        res = ours(*args, str(src), str(tmp_path / "x.img"))
+        ref = subprocess.run(["qemu-img", "convert", *args, str(src), str(tmp_path / "y.img")],
+                             capture_output=True, text=True)
+        assert res.returncode == ref.returncode == 1
+        want = ref.stderr.splitlines()[0].removeprefix("qemu-img: ")
+        assert res.stderr.strip().removeprefix("nbdqcow: ").startswith(want), res.stderr
+        assert not (tmp_path / "x.img").exists()
+    res = ours("--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", str(src), str(tmp_path / "s.qcow2"))
+    assert res.returncode == 0 and "Skipping inconsistent bitmap 'a'" in res.stderr
+    info = json.loads(run("qemu-img", "info", "--output=json", str(tmp_path / "s.qcow2")))
+    assert [b["name"] for b in info["format-specific"]["data"]["bitmaps"]] == ["b"]
