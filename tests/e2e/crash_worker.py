@@ -10,6 +10,10 @@ and appends JSON lines to JOURNAL (default IMG.journal):
 * ``{"t": "op", "i": N, "op": ..., "off": ..., "len": ..., ...}``: written (and
   complete) BEFORE operation N starts, so that after a SIGKILL the journal names every
   operation that may have reached the file;
+* ``{"t": "settle", "i": N, "zeros": [[start, end], ...]}``: after discard N, the bytes
+  outside its whole discard units that read as zeros although the model kept them
+  (NBD leaves a trimmed range's content unspecified; the engine erases trimmed data the
+  image holds alone).  Every other byte of the range must read as the model says;
 * ``{"t": "flush", "n": K, "ranges": [[start, end, sha256], ...]}``: written and
   fsync'd AFTER flush K returned; the ranges are every range written since start
   (merged), hashed from the model as of that flush.
@@ -63,6 +67,11 @@ class Model:
         self.unit = unit
 
     def apply(self, rec: dict[str, Any]) -> None:
+        if rec.get("t") == "settle":
+            # what a discard erased beyond its whole units (observed by the worker)
+            for start, end in rec["zeros"]:
+                self.data[start:end] = bytes(end - start)
+            return
         off, length = rec["off"], rec["len"]
         op = rec["op"]
         if op == "write":
@@ -77,6 +86,25 @@ class Model:
                 self.data[first:last] = bytes(last - first)
         else:
             raise ValueError(f"unknown op {op!r}")
+
+
+def settle_discard(old: bytes, want: bytes, got: bytes, off: int) -> list[list[int]]:
+    """Runs (guest offsets) where a discard's result ``got`` reads zero while the model
+    (``want``) kept the old value; any other difference is a bug (the worker exits)."""
+    runs: list[list[int]] = []
+    if got == want:
+        return runs
+    for i, (g, w, o) in enumerate(zip(got, want, old, strict=True)):
+        if g == w:
+            continue
+        if g != 0 or w != o:
+            raise SystemExit(f"crash_worker: after a discard, guest byte {off + i} reads "
+                             f"{g:#04x} (model {w:#04x}, old {o:#04x})")
+        if runs and runs[-1][1] == off + i:
+            runs[-1][1] += 1
+        else:
+            runs.append([off + i, off + i + 1])
+    return runs
 
 
 def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -168,7 +196,15 @@ def main(argv: list[str]) -> int:
             drv.write_zeroes(off, length, may_unmap=rec["unmap"])
         else:
             drv.discard(off, length)
+        old = bytes(model.data[off:off + length])
         model.apply(rec)
+        if rec["op"] == "discard":
+            zeros = settle_discard(old, bytes(model.data[off:off + length]),
+                                   drv.pread(off, length), off)
+            if zeros:
+                settle = {"t": "settle", "i": i, "zeros": zeros}
+                journal.append(settle)
+                model.apply(settle)
         touched.append((off, off + length))
         i += 1
 

@@ -169,15 +169,17 @@ def verify(before: bytes, records: list[dict[str, Any]], got: bytes, unit: int) 
         if rec["t"] == "op":
             model.apply(rec)
             v.ops += 1
+        elif rec["t"] == "settle":
+            model.apply(rec)
         elif rec["t"] == "flush":
             v.flushes += 1
             for start, end, digest in rec["ranges"]:  # the journal agrees with the replay
                 assert sha(model.data[start:end]) == digest, f"journal/replay [{start},{end})"
             recorded = rec["ranges"]
     at_flush = bytes(model.data)
-    later = [r for r in records[last_flush + 1:] if r["t"] == "op"]
-    v.after_flush = len(later)
-    dirty = merge([(r["off"], r["off"] + r["len"]) for r in later])
+    later = [r for r in records[last_flush + 1:] if r["t"] in ("op", "settle")]
+    v.after_flush = sum(1 for r in later if r["t"] == "op")
+    dirty = merge([(r["off"], r["off"] + r["len"]) for r in later if r["t"] == "op"])
 
     # 1. ranges recorded at the last flush and untouched since: exactly as recorded
     for start, end, digest in recorded:
@@ -201,6 +203,11 @@ def verify(before: bytes, records: list[dict[str, Any]], got: bytes, unit: int) 
     # 3. bytes touched after the flush: one of the values they have had since
     versions = [at_flush]
     for rec in later:
+        if rec.get("op") == "discard":
+            # killed before its settle record: any byte of the range may read zero
+            erased = bytearray(model.data)
+            erased[rec["off"]:rec["off"] + rec["len"]] = bytes(rec["len"])
+            versions.append(bytes(erased))
         model.apply(rec)
         versions.append(bytes(model.data))
     for start, end in dirty:
