@@ -112,7 +112,9 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
 def _naming_the_file(args: argparse.Namespace, e: NbdqcowError) -> str:
     """Every error about an image names it, as qemu-img's do ("Could not open 'F': ...")."""
     msg = str(e)
-    name = getattr(args, "file", None) or getattr(args, "filename", None)
+    # (serve: the image layer names the file where qemu-nbd does; other refusals, e.g.
+    # "Bitmap 'x' is not found", are worded as qemu-nbd words them)
+    name = getattr(args, "file", None)
     names = getattr(args, "names", None)  # bitmap FILE NAME
     if name is None and isinstance(names, list) and names:
         name = names[0]

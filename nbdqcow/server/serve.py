@@ -271,8 +271,6 @@ class NbdServer:
             else:
                 srv = await loop.create_server(lambda: NbdProtocol(self), sock=sock)
             self.servers.append(srv)
-        for extra in self.extras:
-            self.servers.append(await extra(self))
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
@@ -280,6 +278,10 @@ class NbdServer:
             hup = self.on_hup
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(hup()))
+        # after the signal handlers: a SIGHUP sent once the control socket exists must
+        # find its handler
+        for extra in self.extras:
+            self.servers.append(await extra(self))
         if ready is not None:
             ready()
         try:
