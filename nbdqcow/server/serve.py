@@ -127,6 +127,10 @@ def socket_activation_requested() -> bool:
 
 
 # --- the server -----------------------------------------------------------------------------
+def _ignore() -> None:
+    """A signal the ending server ignores."""
+
+
 class NbdServer:
     """Exports, client admission (``-e``) and the one-shot rule (no ``-t``)."""
 
@@ -287,10 +291,18 @@ class NbdServer:
         try:
             await self._done.wait()
         finally:
-            await self.shutdown()
+            # from here on the server is ending: a SIGTERM/SIGINT must not kill it while
+            # it flushes and closes the images; removing the loop's handler restores the
+            # default action (death), so ignore them at once, not after asyncio.run's
+            # teardown
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, _ignore)
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
+                    signal.signal(sig, signal.SIG_IGN)
 
     async def shutdown(self) -> None:
         for srv in self.servers:
