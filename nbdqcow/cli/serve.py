@@ -53,7 +53,7 @@ def _buffer_size(text: str) -> int:
 
     n = _size(text)
     if n < MAX_REQUEST:  # the largest request must fit, or it would wait for ever
-        raise argparse.ArgumentTypeError(f"--max-buffer must be at least {MAX_REQUEST >> 20}M")
+        raise argparse.ArgumentTypeError(f"must be at least {MAX_REQUEST >> 20}M")
     return n
 
 
