@@ -239,3 +239,42 @@ def test_backing_spec_attaches_to_an_image_without_one(tmp_path: Path,
     ours, theirs = _both(nbdqcow_server, qemu_nbd_server, "json:" + json.dumps(spec))
     assert ours == theirs
     assert ours[1][:16] == b"\x77" * 16 and ours[1][MiB : MiB + 16] == b"\x61" * 16
+
+
+OVIRT = ["--persistent", "--shared=8", "--cache=none", "--aio=native", "--discard=unmap",
+         "--detect-zeroes=unmap", "--allocation-depth"]
+
+
+def _nbdinfo(uri: str, *args: str) -> str:
+    out = subprocess.run([require_tool("nbdinfo"), *args, uri], capture_output=True,
+                         text=True, timeout=60, env=repo_env())
+    assert out.returncode == 0, out.stderr
+    return "\n".join(line for line in out.stdout.splitlines()
+                     if "uri:" not in line and "content:" not in line)
+
+
+def test_ovirt_imageio_command_line_like_qemu_nbd(tmp_path: Path, disk: Path,
+                                                  nbdqcow_server: ServerFactory,
+                                                  qemu_nbd_server: ServerFactory) -> None:
+    """oVirt imageio's qemu-nbd command lines, verbatim: a qcow2 overlay with
+    ``"backing": null`` and a dirty bitmap, and a raw window; nbdinfo sees the same."""
+    views = []
+    for label, factory in (("nbdqcow", nbdqcow_server), ("qemu-nbd", qemu_nbd_server)):
+        img = tmp_path / f"{label}.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M")
+        run("qemu-img", "bitmap", "--add", str(img), "B")
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 5M 4k",
+            str(img))
+        spec = json.dumps({"driver": "qcow2", "backing": None,
+                           "file": {"driver": "file", "filename": str(img)}})
+        srv = factory("json:" + spec, *OVIRT, "--bitmap", "B")
+        window = json.dumps({"driver": "raw", "offset": MiB, "size": 2 * MiB,
+                             "file": {"driver": "file", "filename": str(disk)}})
+        raw = factory("json:" + window, *OVIRT)
+        views.append((_nbdinfo(srv.uri), _nbdinfo(srv.uri, "--map=qemu:allocation-depth"),
+                      _nbdinfo(srv.uri, "--map=qemu:dirty-bitmap:B"),
+                      _nbdinfo(raw.uri), _nbdinfo(raw.uri, "--map")))
+        srv.stop()
+        raw.stop()
+    assert views[0] == views[1]
+    assert "qemu:dirty-bitmap:B" in views[0][0]
