@@ -15,6 +15,7 @@ import sys
 
 from nbdqcow.block.driver import BlockDriver
 from nbdqcow.cli.create import parse_o
+from nbdqcow.cli.images import add_image_opts, check_format
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.image import open_image, probe_file
 from nbdqcow.qcow2.bitmap_store import add_stored_bitmaps, read_stored_bitmaps
@@ -92,7 +93,9 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.compress and out_fmt != "qcow2":
         raise NbdqcowError("Compression not supported for this file format")
     opts = parse_o(args.options or [])
-    src = open_image(source, args.format, writable=False)
+    check_format(args)
+    src = open_image(source, args.format, writable=False,
+                     image_opts=getattr(args, "image_opts", False))
     try:
         bitmaps = _source_bitmaps(args, src)  # an inconsistent one is refused first
         if args.bitmaps and out_fmt != "qcow2":
@@ -132,6 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="with --bitmaps: leave out in-use (inconsistent) bitmaps, with a "
                         "warning, instead of refusing")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet (no progress is shown)")
+    add_image_opts(p)
     p.add_argument("files", nargs="*", metavar="SOURCE TARGET",
                    help="the image to copy and the image to create")
     p.set_defaults(func=run_convert)

@@ -278,3 +278,16 @@ def test_ovirt_imageio_command_line_like_qemu_nbd(tmp_path: Path, disk: Path,
         raw.stop()
     assert views[0] == views[1]
     assert "qemu:dirty-bitmap:B" in views[0][0]
+
+
+def test_convert_from_a_specification_like_qemu_img(tmp_path: Path, disk: Path,
+                                                    overlay: Path) -> None:
+    window = f"driver=raw,offset=1M,size=2M,file.filename={_esc(disk)}"
+    top_null = "json:" + json.dumps({"driver": "qcow2", "backing": None,
+                                     "file": {"driver": "file", "filename": str(overlay)}})
+    for n, args in enumerate((["--image-opts", window], [top_null])):
+        ours, theirs = tmp_path / f"ours{n}.raw", tmp_path / f"theirs{n}.raw"
+        r = nbdqcow("convert", "-O", "raw", *args, str(ours))
+        assert r.returncode == 0, r.stderr
+        run("qemu-img", "convert", "-O", "raw", *args, str(theirs))
+        assert ours.read_bytes() == theirs.read_bytes(), args
