@@ -100,11 +100,7 @@ class Qcow2Zeroer(Qcow2Writer):
             return self._zero_piece_ext(pos, n, op, dry)
         if not full:
             if discard:
-                # part of a cluster stays mapped (as in qemu), but the trimmed bytes of
-                # data this image holds alone are erased in the host file
-                if not dry:
-                    self._wipe_partial(pos, n)
-                return False
+                return False  # as qemu: part of a cluster is not discarded at all
             if h.version >= 3 and self._zero_whole_cluster(pos, n):
                 # as qemu: the rest of an unallocated or zero cluster reads as zero, so
                 # the whole cluster becomes a zero cluster (no data written)
@@ -200,9 +196,7 @@ class Qcow2Zeroer(Qcow2Writer):
         head_end = min(end, first << scb)
         tail_start = max(head_end, last_excl << scb)
         for a, b in ((co, head_end), (tail_start, end)):
-            if b > a and discard and not dry:
-                self._wipe_partial(cstart + a, b - a)
-            elif b > a and not discard and not self._reads_zero(cstart + a, b - a):
+            if b > a and not discard and not self._reads_zero(cstart + a, b - a):
                 slow = True
                 if not dry:
                     self._write(memoryview(bytes(b - a)), cstart + a)
@@ -277,24 +271,6 @@ class Qcow2Zeroer(Qcow2Writer):
             if not h or self.refcounts.get(h >> self.geo.cluster_bits) != 1:
                 return  # shared after all (a damaged COPIED flag): leave the data alone
         self._queue_wipe(True, h, self.geo.cluster_size)
-
-    def _wipe_partial(self, pos: int, n: int) -> None:
-        """Erase (zeros, space kept) the host bytes of a TRIM of part of a cluster (part
-        of a subcluster with extended L2) where they hold data of this image alone; the
-        guest may read anything there afterwards, and reads zeros."""
-        e, bm = self._entry(pos)
-        if not e & COPIED or e & L.QCOW_OFLAG_COMPRESSED:
-            return
-        geo = self.geo
-        co = pos & (geo.cluster_size - 1)
-        host = (e & OFF_MASK) + co
-        if not geo.extended_l2:
-            if std_type(e, self.header.has_data_file) is SC.NORMAL:
-                self._queue_wipe(False, host, n)
-            return
-        first, last = co >> geo.subcluster_bits, (co + n - 1) >> geo.subcluster_bits
-        if bm & sc_range_mask(first, last - first + 1) == sc_range_mask(first, last - first + 1):
-            self._queue_wipe(False, host, n)  # (a piece lies inside one subcluster)
 
     def _punch(self, host: int, n: int) -> bool:
         if self.data_file is self.file:

@@ -11,8 +11,7 @@ identical.  The expected content comes from the model only, never from nbdqcow.
 Discard semantics expected (see the engine brief): units fully covered by the range
 (clusters, subclusters for extended L2) read as zeros afterwards, except in a
 version-2 image with a backing file, where they read the backing file's data; bytes
-of partially covered units read either unchanged or as zeros (the engine erases the
-trimmed bytes of data the image holds alone, README "Mapping policy").  Under the default "preserve" mapping
+of partially covered units are unchanged.  Under the default "preserve" mapping
 policy a version-2 image (no zero flag) keeps discarded clusters mapped and erases the
 data of those it holds alone: each fully covered unit reads either as before (nothing of
 this image there) or as zeros.  Kinds with mapping="release" check the qemu-like policy.
@@ -379,18 +378,15 @@ class EngineVsModel(RuleBasedStateMachine):
         self.touched.append((off, length))
 
     def _open_pieces(self, off: int, length: int) -> list[tuple[int, int]]:
-        """Partly covered units at both ends of a discard (and, for v2 under
-        "preserve", every fully covered unit)."""
+        """The units whose content after a discard the model cannot decide: for v2
+        under "preserve", every fully covered unit (partly covered ones are unchanged)."""
         unit = self.kind.unit
         end = min(off + length, self.kind.size)
         first = -(-off // unit) * unit
         last = end // unit * unit if end < self.kind.size else end
-        head_end = min(first, end)
-        tail_start = max(last, head_end)
-        pieces = [(a, b - a) for a, b in ((off, head_end), (tail_start, end)) if b > a]
-        if self.kind.discard_is_noop:
-            pieces += [(u, min(unit, last - u)) for u in range(first, last, unit)]
-        return pieces
+        if not self.kind.discard_is_noop:
+            return []
+        return [(u, min(unit, last - u)) for u in range(first, last, unit)]
 
     @rule()
     @step
