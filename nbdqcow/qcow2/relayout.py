@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from nbdqcow.block.hostfile import HostFile, copy_mode, remove_file, replace_file, sync_path
 from nbdqcow.block.locking import Access, ImageLocked
-from nbdqcow.errors import NbdqcowError
+from nbdqcow.errors import ImageError, NbdqcowError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.bitmap_store import BitmapOpError, add_stored_bitmaps, read_stored_bitmaps
@@ -37,7 +37,7 @@ _ZERO = frozenset({SC.ZERO_PLAIN, SC.ZERO_ALLOC})
 Progress = Callable[[int, int], None]
 
 
-class RelayoutError(NbdqcowError):
+class RelayoutError(ImageError):
     """The image cannot be relaid out (internal snapshots, in-use bitmaps, data file...)."""
 
 
