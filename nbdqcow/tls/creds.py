@@ -86,7 +86,12 @@ class X509Creds(TlsCreds):
                 ctx.load_verify_locations(cafile=crl)
                 ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
             if cert and key:
-                ctx.load_cert_chain(cert, key, password=self.password)
+                try:
+                    ctx.load_cert_chain(cert, key, password=self.password)
+                except ssl.SSLError:
+                    why = "wrong passwordid secret?" if self.password else "encrypted?"
+                    raise TlsError(f"Cannot load {cert} with {key}: not a matching "
+                                   f"certificate and private key ({why})") from None
             if dh:
                 ctx.load_dh_params(dh)
         except (ssl.SSLError, OSError) as e:

@@ -316,6 +316,31 @@ def test_authz_needs_a_peer_identity(pki: Pki, image: Path, tmp_path: Path) -> N
     assert "--tls-authz needs credentials that identify the client" in ours.stderr
 
 
+def test_encrypted_key_with_passwordid(pki: Pki, image: Path, tmp_path: Path) -> None:
+    """tls-creds-x509,passwordid=SECRET reads an encrypted server key; a wrong secret is
+    a one-line error at start."""
+    from cryptography.hazmat.primitives import serialization
+
+    d = tmp_path / "enc"
+    d.mkdir()
+    for name in ("ca-cert.pem", "server-cert.pem"):
+        (d / name).write_bytes((pki.server / name).read_bytes())
+    key = serialization.load_pem_private_key((pki.server / "server-key.pem").read_bytes(), None)
+    (d / "server-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"hunter2")))
+    from nbdqcow.tls.objects import ObjectRegistry
+
+    reg = ObjectRegistry()
+    reg.add("secret,id=pw,data=hunter2")
+    reg.add(f"tls-creds-x509,id=t,dir={d},endpoint=server,passwordid=pw")
+    argv = ["--object", "secret,id=pw,data=wrong", "--object",
+            f"tls-creds-x509,id=t,dir={d},endpoint=server,passwordid=pw", "--tls-creds", "t"]
+    ours = run(sys.executable, "-m", "nbdqcow", "serve", "-k", tmp_path / "s", *argv, image)
+    assert ours.returncode == 1 and len(ours.stderr.splitlines()) == 1
+    assert "wrong passwordid secret?" in ours.stderr and "hunter2" not in ours.stderr
+
+
 def test_client_endpoint_refused(pki: Pki, image: Path, tmp_path: Path) -> None:
     argv = ["--object", f"tls-creds-x509,id=t,dir={pki.client1},endpoint=client",
             "--tls-creds", "t"]
