@@ -4,7 +4,8 @@
 fio's nbd engine (4k randread QD1/QD16, 4k randwrite QD16, 64k randread QD16, 1M
 sequential read/write QD4) and nbdcopy (read to null:, write from a file), the two
 servers interleaved workload by workload.  Server CPU comes from /proc/PID/stat.
-Prints a table and writes bench/RESULTS.md.  Speed is measured here, never asserted.
+Prints a table and writes bench/out/RESULTS.md (untracked; --results bench/RESULTS.md
+updates the committed figures).  Speed is measured here, never asserted.
 
     make bench                     # 5 runs of 5 s per workload and server, 1 GiB image
     .venv/bin/python bench/run.py --quick
@@ -394,4 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: servers stopped and images removed by main()
+        sys.exit("bench: interrupted")
