@@ -73,6 +73,11 @@ def probe_file(path: str) -> str:
     return probe_bytes(read_head(path), path)
 
 
+class NotPlainImage(ImageOpenError):
+    """The specification is more than a format over a plain file (a raw window, null-co,
+    a backing override...): a command that works on the image file itself cannot use it."""
+
+
 #: options that do not change what a command working on the image file itself sees
 _PLAIN_FORMAT_KEYS = {"driver", "file", "node-name", "read-only", "auto-read-only",
                       "force-share"}
@@ -92,15 +97,15 @@ def image_file(name: str, fmt: str | None = None, image_opts: bool = False) -> t
         if not isinstance(child, dict) or child.get("driver", "file") not in FILE_PROTOCOLS:
             driver = tree.get("driver")
             if isinstance(driver, str) and driver in FILE_PROTOCOLS:
-                raise OptsError("this command needs an image format over a file, not a "
-                                f"bare '{driver}' node")
-            raise OptsError("this command works on an image file: give a format over a "
-                            "'file' node")
+                raise NotPlainImage(f"Could not open '{name}': this command needs an image "
+                                    f"format over a file, not a bare '{driver}' node")
+            raise NotPlainImage(f"Could not open '{name}': this command works on an image "
+                                "file: give a format over a 'file' node")
         extra = sorted(set(tree) - _PLAIN_FORMAT_KEYS) + [
             f"file.{k}" for k in sorted(set(child) - _PLAIN_FILE_KEYS)]
         if extra:
-            raise OptsError(f"this command works on the image file itself and cannot apply "
-                            f"the option '{extra[0]}'")
+            raise NotPlainImage(f"Could not open '{name}': this command works on the image "
+                                f"file itself and cannot apply the option '{extra[0]}'")
         # the file node's options checked as an open checks them (locking=..., aio=...)
         path = file_options(NodeOptions(str(child.get("driver", "file")), "protocol",
                                         child), Access()).path

@@ -291,3 +291,24 @@ def test_convert_from_a_specification_like_qemu_img(tmp_path: Path, disk: Path,
         assert r.returncode == 0, r.stderr
         run("qemu-img", "convert", "-O", "raw", *args, str(theirs))
         assert ours.read_bytes() == theirs.read_bytes(), args
+
+
+@pytest.mark.parametrize("spec", [
+    ["json:{\"driver\":\"raw\",\"offset\":1048576,\"size\":1048576,"
+     "\"file\":{\"driver\":\"file\",\"filename\":\"DISK\"}}"],
+    ["--image-opts", "driver=raw,offset=1M,file.filename=DISK"],
+    ["--image-opts", "driver=null-co,size=1M"],
+    ["--image-opts", "driver=raw,file.driver=null-co,file.size=1M"],
+])
+@pytest.mark.parametrize("output", ["json", "human"])
+def test_info_of_a_stack_like_qemu_img(spec: list[str], output: str, disk: Path) -> None:
+    """Stacks that are more than a format over a file are described from the open stack,
+    named by qemu's canonical json: filename."""
+    args = [f"--output={output}",
+            *[a.replace("DISK", _esc(disk) if "--image-opts" in spec else str(disk))
+              for a in spec]]
+    ours = nbdqcow("info", *args)
+    theirs = subprocess.run([require_tool("qemu-img"), "info", *args], capture_output=True,
+                            text=True, timeout=60)
+    assert ours.returncode == theirs.returncode == 0, (ours.stderr, theirs.stderr)
+    assert ours.stdout == theirs.stdout
