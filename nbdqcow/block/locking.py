@@ -210,18 +210,25 @@ class ImageLocked(ImageOpenError):
     locked file, then (nbdqcow's own) who holds the lock.  ``context`` is what the open
     was part of ('Could not open backing file: '), as qemu prefixes it."""
 
-    def __init__(self, path: str, reason: str, holders: list[str], context: str = "") -> None:
+    def __init__(self, path: str, reason: str | None = None, holders: list[str] | None = None,
+                 context: str = "") -> None:
+        if reason is None:  # re-raised from its text alone (``type(e)(message)``)
+            self.path, self.reason, self.holders, self.context = "", path, [], ""
+            super().__init__(path)
+            return
         self.path = path
         self.reason = reason
-        self.holders = holders
+        self.holders = holders or []
         self.context = context
         text = f"{context}{reason}\nIs another process using the image [{path}]?"
-        if holders:
-            text += f"\nThe lock is held by {', '.join(holders)}."
+        if self.holders:
+            text += f"\nThe lock is held by {', '.join(self.holders)}."
         super().__init__(text)
 
     def within(self, context: str) -> ImageLocked:
         """The same refusal, as part of a larger open (qemu's error prefixes)."""
+        if not self.path:
+            return ImageLocked(context + str(self))
         return ImageLocked(self.path, self.reason, self.holders, context + self.context)
 
 

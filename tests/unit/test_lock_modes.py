@@ -170,3 +170,13 @@ def test_fdinfo_lock_lines_are_matched_by_file_and_byte(img: str) -> None:
     assert lk._holds(text, st, 100) and lk._holds(text, st, 101)
     assert not lk._holds(text, st, 102) and not lk._holds(text, st, 201)
     assert lk._holds(text, st, 1 << 40)  # up to the end of the file
+
+
+def test_image_locked_rewrapped_from_its_text() -> None:
+    e = ImageLocked("a.qcow2", 'Failed to get "write" lock', ["qemu-nbd (pid 1)"])
+    again = type(e)(f"Could not open 'a.qcow2': {e}")
+    assert str(again) == ("Could not open 'a.qcow2': Failed to get \"write\" lock\n"
+                          "Is another process using the image [a.qcow2]?\n"
+                          "The lock is held by qemu-nbd (pid 1).")
+    assert str(e.within("Could not open backing file: ")).startswith(
+        'Could not open backing file: Failed to get "write" lock\n')
