@@ -58,7 +58,7 @@ def locked_message(args: argparse.Namespace, e: ImageLocked) -> str:
     text = str(e)
     if getattr(args, "command", None) == "create":
         text = f"{file}: {text}"
-    elif not e.context.startswith("Could not open '"):
+    elif not text.startswith("Could not open '"):
         text = f"Could not open '{file}': {text}"
     hint = getattr(args, "lock_hint", None)
     if hint:
