@@ -110,6 +110,8 @@ class Access:
     the user of the top image lets others do besides what the format refuses (a qemu-nbd
     export refuses resize; qemu-img and qemu-io refuse nothing).  ``enabled``: the file
     driver's ``locking=on|off|auto`` (False takes and tests no lock at all).
+    ``chain_shared``: ``shared`` applies to the backing files too (qemu-img convert's
+    source refuses writers on every layer); otherwise the layers below share everything.
     """
 
     write: bool = False
@@ -117,6 +119,7 @@ class Access:
     force_share: bool = False
     shared: Perm = PERM_ALL
     enabled: bool = True
+    chain_shared: bool = False
 
     def __post_init__(self) -> None:
         if self.force_share and self.write:
@@ -147,7 +150,8 @@ class Access:
     def backing(self) -> Access:
         """How the layers below the image are opened: read-only, sharing everything
         (their own format may still refuse to share, as qcow2 does)."""
-        return replace(self, write=False, io=True, shared=PERM_ALL)
+        return replace(self, write=False, io=True,
+                       shared=self.shared if self.chain_shared else PERM_ALL)
 
 
 def create_mode(enabled: bool = True) -> LockMode | None:

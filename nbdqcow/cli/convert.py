@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from nbdqcow.block.driver import BlockDriver
+from nbdqcow.block.locking import PERM_ALL, Perm
 from nbdqcow.cli.create import parse_o
 from nbdqcow.cli.images import add_image_opts, check_format
+from nbdqcow.cli.locks import add_force_share, read_access
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.image import open_image, probe_file
 from nbdqcow.qcow2.bitmap_store import add_stored_bitmaps, read_stored_bitmaps
@@ -94,8 +97,12 @@ def run_convert(args: argparse.Namespace) -> int:
         raise NbdqcowError("Compression not supported for this file format")
     opts = parse_o(args.options or [])
     check_format(args)
+    # qemu-img convert's source: nobody may write or resize any layer while it is copied
+    # (-U: share everything)
+    access = replace(read_access(args), shared=PERM_ALL & ~(Perm.WRITE | Perm.RESIZE),
+                     chain_shared=True)
     src = open_image(source, args.format, writable=False,
-                     image_opts=getattr(args, "image_opts", False))
+                     image_opts=getattr(args, "image_opts", False), access=access)
     try:
         bitmaps = _source_bitmaps(args, src)  # an inconsistent one is refused first
         if args.bitmaps and out_fmt != "qcow2":
@@ -135,6 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="with --bitmaps: leave out in-use (inconsistent) bitmaps, with a "
                         "warning, instead of refusing")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet (no progress is shown)")
+    add_force_share(p)
     add_image_opts(p)
     p.add_argument("files", nargs="*", metavar="SOURCE TARGET",
                    help="the image to copy and the image to create")

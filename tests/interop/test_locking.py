@@ -260,6 +260,9 @@ def test_nbdqcow_refuses_an_image_qemu_nbd_serves(
     for cmd in (["info", "-U"], ["map", "-U"], ["check", "-U"], ["snapshot", "-l", "-U"],
                 ["layout", "-U", "-o", str(tmp_path / "p.svg")]):
         ok(nbdqcow(*cmd, str(img)))
+    copy = str(tmp_path / "copy.raw")
+    assert refused(nbdqcow("convert", str(img), copy), sw, img)[0] == held
+    ok(nbdqcow("convert", "-U", str(img), copy))
     refused(nbdqcow("info", "--backing-chain", str(img)), sw, img)
     ok(nbdqcow("info", "-U", "--backing-chain", str(img)))
     # the specification's own force-share=on / file.locking=off, as qemu-img honours them
