@@ -87,6 +87,10 @@ class CompressFilter:
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
         mv = memoryview(data).cast("B")
         n = mv.nbytes
+        if n == 0:  # nothing to store (and no cluster to pad)
+            if fua:
+                self.inner.flush()
+            return
         a = self.align
         start = offset - offset % a
         end = min(-(-(offset + n) // a) * a, self.inner.size)

@@ -96,6 +96,8 @@ def test_refusals(tmp_path: Path) -> None:
         f.pwrite(text(CS, 9), CS)
     with pytest.raises(CompressedWriteError):  # the engine itself takes whole clusters only
         d.write_compressed(text(512), 2 * CS + 512)
+    f.pwrite(b"", 3 * CS + 5)  # an empty write stores nothing (no padded cluster)
+    assert not f.block_status(3 * CS, CS)[0].present
     f.write_zeroes(0, CS)  # a plain zero cluster takes a compressed write again
     f.pwrite(text(CS, 5), 0)
     assert f.pread(0, CS) == text(CS, 5)

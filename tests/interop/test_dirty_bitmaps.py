@@ -393,4 +393,4 @@ def test_raw_image_has_no_bitmaps(tmp_path: Path) -> None:
     img = tmp_path / "img.raw"
     img.write_bytes(bytes(MiB))
     assert serve_fails("-r", "-f", "raw", "-k", str(tmp_path / "n.sock"), "-B", "x",
-                       str(img)) == "nbdqcow: Bitmap 'x' is not found"
+                       str(img)).endswith("Bitmap 'x' is not found")
