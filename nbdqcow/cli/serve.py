@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from nbdqcow import __version__
 from nbdqcow.block.driver import BlockDriver, DirtyBitmapSource
 from nbdqcow.block.locking import PERM_ALL, Access, Perm
+from nbdqcow.cli.argtypes import nonneg_int as _int
 from nbdqcow.cli.images import add_image_opts, check_format
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.image import image_tree, open_image, probe_file
@@ -29,14 +30,6 @@ DEFAULT_PORT = 10809
 DEFAULT_BIND = "0.0.0.0"
 
 
-def _int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"negative number '{text}'")
-    return value
 
 
 def _size(text: str) -> int:

@@ -6,22 +6,18 @@ from __future__ import annotations
 import argparse
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from nbdqcow.cli.argtypes import nonneg_int as _int
 from nbdqcow.errors import NbdqcowError
-from nbdqcow.tls.authz import Authz
-from nbdqcow.tls.client import BlockingTls
-from nbdqcow.tls.creds import TlsCreds
-from nbdqcow.tls.objects import ObjectRegistry
+
+if TYPE_CHECKING:  # ssl and the TLS code are imported only when TLS is used
+    from nbdqcow.tls.authz import Authz
+    from nbdqcow.tls.client import BlockingTls
+    from nbdqcow.tls.creds import TlsCreds
+    from nbdqcow.tls.objects import ObjectRegistry
 
 
-def _int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"negative number '{text}'")
-    return value
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +36,8 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def objects(args: argparse.Namespace) -> ObjectRegistry:
+    from nbdqcow.tls.objects import ObjectRegistry
+
     reg = ObjectRegistry()
     for text in args.object:
         reg.add(text)
@@ -82,6 +80,8 @@ def list_starttls(args: argparse.Namespace) -> Callable[[socket.socket], Blockin
         raise NbdqcowError("No hostname for certificate validation")  # qemu-nbd's words
 
     def upgrade(sock: socket.socket) -> BlockingTls:
+        from nbdqcow.tls.client import BlockingTls
+
         return BlockingTls(sock, creds.session(host))
 
     return upgrade

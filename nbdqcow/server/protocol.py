@@ -19,11 +19,10 @@ from nbdqcow.nbd.transmission import Request, RequestDecoder
 from nbdqcow.server.budget import CHARGE_MIN
 from nbdqcow.server.dispatch import Dispatcher, Leased, Reply
 from nbdqcow.server.flow import FlowControl
-from nbdqcow.tls.layer import TlsLayer
-from nbdqcow.tls.session import TlsSession
 
 if TYPE_CHECKING:
     from nbdqcow.server.serve import NbdServer
+    from nbdqcow.tls.session import TlsSession
 
 log = logging.getLogger("nbdqcow.server")
 
@@ -319,6 +318,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         """STARTTLS was acknowledged: the rest of the connection goes through TLS."""
         tls, raw = self.server.tls, self.transport
         assert tls is not None and raw is not None and self.flow is not None
+        from nbdqcow.tls.layer import TlsLayer  # only when TLS is used (ssl is slow to import)
+
         layer = TlsLayer(raw, tls.creds.session(), self, self._tls_ready)
         layer.on_failure = self._tls_failed
         raw.set_protocol(layer)

@@ -15,15 +15,17 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.nbd.handshake import ExportInfo
 from nbdqcow.server.budget import DEFAULT_LIMIT, MemoryBudget
 from nbdqcow.server.exports import Export
 from nbdqcow.server.protocol import NbdProtocol
-from nbdqcow.tls.authz import Authz
-from nbdqcow.tls.creds import TlsCreds
+
+if TYPE_CHECKING:  # ssl is imported only when TLS is used
+    from nbdqcow.tls.authz import Authz
+    from nbdqcow.tls.creds import TlsCreds
 
 log = logging.getLogger("nbdqcow.server")
 
