@@ -17,8 +17,8 @@ from dataclasses import replace
 from nbdqcow.block.driver import Capabilities, Extent
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.locking import Access
-from nbdqcow.block.ranges import check_range
-from nbdqcow.errors import NotSupported, ReadOnlyImage, WriteRefused
+from nbdqcow.block.ranges import check_range, check_write
+from nbdqcow.errors import NotSupported, WriteRefused
 
 SECTOR = 512
 
@@ -77,9 +77,7 @@ class RawDriver:
         self.file.preadinto(buf, self.offset + offset, nowait)
 
     def _check_write(self, offset: int, length: int) -> None:
-        if not self._caps.writable:
-            raise ReadOnlyImage("image is read-only")
-        check_range(self._size, offset, length, write=True)
+        check_write(self._caps.writable, self._size, offset, length)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
         self._check_write(offset, len(data))

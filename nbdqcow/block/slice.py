@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from nbdqcow.block.driver import BlockDriver, Capabilities, Extent
-from nbdqcow.block.ranges import check_range
-from nbdqcow.errors import ReadOnlyImage
+from nbdqcow.block.ranges import check_range, check_write
 
 
 class SliceDriver:
@@ -42,9 +41,7 @@ class SliceDriver:
         return self.child.host_extent(self.offset + offset, length)
 
     def _check_write(self, offset: int, length: int) -> None:
-        if not self._caps.writable:
-            raise ReadOnlyImage("image is read-only")
-        check_range(self._size, offset, length, write=True)
+        check_write(self._caps.writable, self._size, offset, length)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
         self._check_write(offset, len(data))

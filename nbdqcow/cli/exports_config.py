@@ -27,7 +27,7 @@ import argparse
 import contextlib
 import logging
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -140,27 +140,36 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _as_argv(parser: argparse.ArgumentParser, items: Iterable[tuple[str, str]],
+             allowed: frozenset[str] | None, where: str, key_prefix: str = "") -> list[str]:
+    """``serve`` options given as (long name, value) pairs, as a command line for
+    ``parser``: a flag option takes a boolean value (present when true)."""
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    argv: list[str] = []
+    for k, v in items:
+        action = flags.get(f"--{k}")
+        if action is None or (allowed is not None and k not in allowed):
+            raise NbdqcowError(f"{where}Invalid parameter '{key_prefix}{k}'")
+        if action.nargs != 0:
+            argv.append(f"--{k}={v}")
+            continue
+        try:
+            if parse_bool(v, k):
+                argv.append(f"--{k}")
+        except OptsError as e:
+            raise NbdqcowError(f"{where}{e}") from None
+    return argv
+
+
 def export_namespace(spec: ExportSpec, shared: int) -> argparse.Namespace:
     """``serve``'s options for one export, parsed by ``serve``'s parser."""
     parser = _export_parser()
-    flags = {s: a for a in parser._actions for s in a.option_strings}
-    argv: list[str] = []
-    for k, v in spec.options:
-        action = flags.get(f"--{k}")
-        if action is None or k not in PER_EXPORT:
-            raise NbdqcowError(f"export '{spec.name}': Invalid parameter '{k}'")
-        if action.nargs == 0:
-            try:
-                if parse_bool(v, k):
-                    argv.append(f"--{k}")
-            except OptsError as e:
-                raise NbdqcowError(f"export '{spec.name}': {e}") from None
-        else:
-            argv.append(f"--{k}={v}")
+    where = f"export '{spec.name}': "
+    argv = _as_argv(parser, spec.options, PER_EXPORT, where)
     try:
         ns = parser.parse_args([*argv, "-x", spec.name, "--", spec.file])
     except NbdqcowError as e:
-        raise NbdqcowError(f"export '{spec.name}': {e}") from None
+        raise NbdqcowError(f"{where}{e}") from None
     ns.shared = shared
     return ns
 
@@ -175,18 +184,9 @@ def _apply_server_options(args: argparse.Namespace, server: Mapping[str, Any]) -
     """Config values for server-wide options the command line left at their default;
     each is parsed by ``serve``'s parser, so it means what the option means."""
     parser = _export_parser()
-    flags = {s: a for a in parser._actions for s in a.option_strings}
-    argv: list[str] = []
-    for k, v in server.items():
-        action = flags.get(f"--{k}")
-        if action is None:
-            raise NbdqcowError(f"config: Invalid parameter 'server.{k}'")
-        for item in v if isinstance(v, list) else [v]:
-            if action.nargs == 0:
-                if parse_bool(_value(item), k):
-                    argv.append(f"--{k}")
-            else:
-                argv.append(f"--{k}={_value(item)}")
+    items = [(k, _value(item)) for k, v in server.items()
+             for item in (v if isinstance(v, list) else [v])]
+    argv = _as_argv(parser, items, None, "config: ", "server.")
     try:
         parsed = parser.parse_args(argv)
     except NbdqcowError as e:
