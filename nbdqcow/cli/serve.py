@@ -130,13 +130,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 # --- -L ----------------------------------------------------------------------------------------
 def _connect_for_list(args: argparse.Namespace) -> socket.socket:
     if args.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(args.socket)
-        return s
-    host = args.bind or "localhost"
-    if host in ("0.0.0.0", "::"):
-        host = "localhost"
-    return socket.create_connection((host, args.port or DEFAULT_PORT))
+        where = args.socket
+    else:
+        host = args.bind or "localhost"
+        if host in ("0.0.0.0", "::"):
+            host = "localhost"
+        where = f"{host}:{args.port or DEFAULT_PORT}"
+    try:
+        if args.socket:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(args.socket)
+            except OSError:
+                s.close()
+                raise
+            return s
+        return socket.create_connection((host, args.port or DEFAULT_PORT))
+    except OSError as e:  # qemu-nbd -L's words
+        raise NbdqcowError(f"Failed to connect to '{where}': {e.strerror or e}") from None
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -113,3 +113,12 @@ def test_missing_image_named_once(tmp_path: Path) -> None:
     r = _nbdqcow_nbd("-k", str(tmp_path / "s.sock"), str(tmp_path / "nosuch.raw"))
     assert r.returncode == 1
     assert r.stderr.count("Could not open") == 1 and "nosuch.raw" in r.stderr, r.stderr
+
+
+def test_list_without_a_server_says_where_like_qemu_nbd(tmp_path: Path) -> None:
+    sock = str(tmp_path / "none.sock")
+    ours = _nbdqcow_nbd("-L", "-k", sock)
+    theirs = _qemu_nbd("-L", "-k", sock)
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.split(": ", 1)[1] == theirs.stderr.split(": ", 1)[1], (ours.stderr,
+                                                                             theirs.stderr)
