@@ -52,6 +52,10 @@ def replace_section(path: Path, title: str, body: str) -> None:
     head = f"\n## {title}\n"
     start = text.find(head)
     if start >= 0:
-        end = text.find("\n## ", start + len(head))
+        # the section ends at the next heading or at the next section another script
+        # owns (bench/speed.py marks its own with an HTML comment before its heading)
+        ends = [i for i in (text.find("\n## ", start + len(head)),
+                            text.find("\n<!-- ", start + len(head))) if i >= 0]
+        end = min(ends) if ends else -1
         text = text[:start] + (text[end:] if end >= 0 else "\n")
     path.write_text(text.rstrip("\n") + "\n" + head + "\n" + body.rstrip("\n") + "\n")
