@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -76,13 +77,30 @@ def parse_export_arg(text: str) -> ExportSpec:
     if not sep or not rest:
         raise NbdqcowError(f"--export: expected NAME=FILE[,KEY=VALUE...], got '{text}'")
     try:
-        opts = parse_opts(rest, implied="file")
+        json_file, rest = _split_json(rest)
+        opts = parse_opts(rest, implied=None if json_file else "file") if rest else {}
     except OptsError as e:
         raise NbdqcowError(f"--export {name}: {e}") from None
-    file = opts.pop("file", "")
+    file = json_file or opts.pop("file", "")
     spec = ExportSpec(name, file, tuple(opts.items()))
     _check_keys(spec)
     return spec
+
+
+def _split_json(rest: str) -> tuple[str, str]:
+    """``json:{...}[,KEY=VALUE...]`` -> (the ``json:`` file name, the options after it):
+    the JSON object may hold commas of its own, so it is taken whole, not split on
+    commas.  Anything else: ("", rest)."""
+    if not rest.startswith("json:"):
+        return "", rest
+    try:
+        _, end = json.JSONDecoder().raw_decode(rest, len("json:"))
+    except ValueError as e:
+        raise OptsError(f"Could not parse the JSON options: {e}") from None
+    tail = rest[end:]
+    if tail and not tail.startswith(","):
+        raise OptsError(f"expected ',' after the JSON object, got '{tail[:20]}'")
+    return rest[:end], tail[1:]
 
 
 def _check_keys(spec: ExportSpec) -> None:
