@@ -23,7 +23,7 @@ def build_compress(ctx: OpenContext, o: NodeOptions) -> BlockDriver:
     if isinstance(child, Mapping) and "driver" not in child:
         child = {"driver": "file", **child}
     fmt = str(child.get("driver", "file")) if isinstance(child, Mapping) else "file"
-    drv = ctx.open_child(child)
+    drv = ctx.open_filtered(child)
     try:
         return CompressFilter(drv, fmt)
     except BaseException:

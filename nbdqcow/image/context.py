@@ -84,6 +84,12 @@ class OpenContext:
             ctx = replace(self, access=replace(self.access, force_share=True))
         return build(ctx, opts)
 
+    def open_filtered(self, tree: Any) -> BlockDriver:
+        """The child of a filter node: the command line's qcow2 settings (cache size,
+        mapping policy) reach it as if it were the top node."""
+        return replace(self.for_child(), cache_size=self.cache_size,
+                       mapping=self.mapping).open_node(tree)
+
     def open_child(self, tree: Any, writable: bool | None = None,
                    image: str | None = None) -> BlockDriver:
         return self.for_child(writable, image).open_node(tree)

@@ -178,3 +178,23 @@ def test_same_map_as_qemu_nbd_compress_filter(tmp_path: Path) -> None:
     assert shape(ours) == shape(ref)
     assert check(ours)["compressed-clusters"] == check(ref)["compressed-clusters"]
     run("qemu-img", "compare", "-q", str(ours), str(ref))
+
+
+def test_filter_passes_cache_size_and_mapping_down(tmp_path: Path) -> None:
+    """serve --cache-size/--mapping reach the qcow2 node under a compress filter."""
+    from nbdqcow.image.open import open_image
+
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M")
+    spec = json.dumps({"driver": "compress", "file": {"driver": "qcow2", "file": {
+        "driver": "file", "filename": str(img)}}})
+    for mapping, size in (("thin", 8 * CS), ("release", 5 * CS)):
+        drv = open_image(f"json:{spec}", cache_size=size, mapping=mapping)
+        try:
+            assert isinstance(drv, CompressFilter)
+            inner = drv.inner
+            assert isinstance(inner, Qcow2Driver)
+            assert inner.policy.value == mapping
+            assert inner.l2_cache.capacity == size // CS
+        finally:
+            drv.close()
