@@ -34,6 +34,7 @@ from nbdqcow.nbd.constants import (
     Info,
     Opt,
     Rep,
+    TransmissionFlag,
 )
 
 #: option payloads larger than this are skipped (not buffered) and refused
@@ -250,10 +251,17 @@ class ServerHandshake:
         if export is None:
             self._close("unknown export requested with NBD_OPT_EXPORT_NAME")
             return
-        self._out.append(wire.EXPORT_NAME_REPLY.pack(export.size, export.flags))
+        self._out.append(wire.EXPORT_NAME_REPLY.pack(export.size, self._flags(export)))
         if not self.client_flags & ClientFlag.NO_ZEROES:
             self._out.append(bytes(wire.EXPORT_NAME_PADDING))
         self._finish(export, keep_meta=False)
+
+    def _flags(self, export: ExportInfo) -> int:
+        """The export's transmission flags for this connection: SEND_DF only once
+        structured replies are negotiated (the spec's MUST)."""
+        if self.structured:
+            return export.flags
+        return export.flags & ~int(TransmissionFlag.SEND_DF)
 
     def _opt_abort(self, data: bytes) -> None:
         self._reply(Rep.ACK)
@@ -317,18 +325,29 @@ class ServerHandshake:
         if export is None:
             self._reply(Rep.ERR_UNKNOWN, f"export '{name}' not present".encode())
             return
-        self._reply(Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags))
+        flags = self._flags(export)
+        self._reply(Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
         if Info.NAME in wanted:
             self._reply(Rep.INFO, wire.INFO_TYPE.pack(Info.NAME) + export.name.encode())
         if Info.DESCRIPTION in wanted and export.description:
             desc = export.description.encode()
             self._reply(Rep.INFO, wire.INFO_TYPE.pack(Info.DESCRIPTION) + desc)
+        # A client that did not ask for block sizes may send requests of any alignment
+        # (every driver takes them, by read-modify-write): GO tells it the default
+        # minimum of 1; INFO, which commits to nothing, states the real minimum and
+        # asks for the request (NBD_REP_ERR_BLOCK_SIZE_REQD), as qemu-nbd does.
+        asked = Info.BLOCK_SIZE in wanted
+        minimum = export.min_block if asked or not go else 1
         self._reply(
             Rep.INFO,
             wire.INFO_BLOCK_SIZE.pack(
-                Info.BLOCK_SIZE, export.min_block, export.pref_block, export.max_block
+                Info.BLOCK_SIZE, minimum, export.pref_block, export.max_block
             ),
         )
+        if not asked and not go and export.min_block > 1:
+            self._reply(Rep.ERR_BLOCK_SIZE_REQD,
+                        b"request NBD_INFO_BLOCK_SIZE to use this export")
+            return
         self._reply(Rep.ACK)
         if go:
             self._finish(export, keep_meta=self._meta_export == export.name)

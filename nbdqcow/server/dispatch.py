@@ -86,6 +86,9 @@ BLOCK_STATUS_INLINE = 8 * 1024 * 1024
 #: is left to the client's next request, as the NBD spec allows
 MAX_BITMAP_RUNS = 128 * 1024
 _EVERYTHING = 1 << 64
+#: small structured READs whose data holds a zero sector ask block status for holes
+SECTOR = 512
+ZEROS_SECTOR = bytes(SECTOR)
 
 _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
@@ -519,6 +522,11 @@ class Dispatcher:
             data = self._fetch(off, n, nowait)
             if not df and is_zero(data):
                 return [enc.hole(cookie, off, n, True, off)]
+            if (not df and n >= 2 * SECTOR and self.caps.block_status
+                    and data.find(ZEROS_SECTOR) >= 0):
+                split = self._split_small(req, data)
+                if split is not None:
+                    return split
             return _with_data([enc.data(cookie, off, n, True, off), data], data)
         runs: list[list[int]] = []  # [start, length, zero]
         pos, end = off, off + n
@@ -551,6 +559,36 @@ class Dispatcher:
             POOL.give(buf)  # nothing was sent: the views into it die with this reply
             raise
         return Leased(out, buf)
+
+    def _split_small(self, req: Request, data: bytes | bytearray) -> Reply | None:
+        """A small structured READ whose data has a zero sector: its zero runs (by block
+        status, and all-zero in the data read) go out as holes, its data as data chunks,
+        in offset order, as qemu-nbd sends them.  None when it is all data."""
+        enc, cookie, off, n = self.enc, req.cookie, req.offset, req.length
+        mv = memoryview(data)
+        runs: list[tuple[int, int, bool]] = []  # start (relative), end, hole
+        for e in self.driver.block_status(off, n):
+            s, t = max(e.start - off, 0), min(e.start + e.length - off, n)
+            if t <= s:
+                continue
+            hole = e.zero and is_zero(mv[s:t])
+            if runs and runs[-1][2] == hole and runs[-1][1] == s:
+                runs[-1] = (runs[-1][0], t, hole)
+            else:
+                runs.append((s, t, hole))
+        if runs and runs[-1][1] < n:
+            runs.append((runs[-1][1], n, False))
+        if len(runs) < 2:
+            return None
+        out: Reply = []
+        last = len(runs) - 1
+        for i, (s, t, hole) in enumerate(runs):
+            if hole:
+                out.append(enc.hole(cookie, off + s, t - s, i == last, off))
+            else:
+                out.append(enc.data(cookie, off + s, t - s, i == last, off))
+                out.append(mv[s:t])
+        return _with_data(out, data)
 
     def _check_write(self, req: Request) -> bool:
         if not self.writable:

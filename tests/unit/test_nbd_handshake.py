@@ -359,3 +359,62 @@ def test_meta_context_set_for_default_name_survives_go_by_name() -> None:
     h.receive(opt(OPT_STRUCTURED) + opt(OPT_SET_META, meta_req("", "base:allocation")))
     h.receive(opt(OPT_GO, info_req("foo")))  # "" is foo, the default export
     assert h.result is not None and list(h.result.contexts.values()) == ["base:allocation"]
+
+
+# --- peer-suite expectations (libnbd interop-qemu-block-size.sh, spec on SEND_DF) -------
+SECTORED = ExportInfo("s", 1 << 20, 0x1 | 0x4 | 0x80, min_block=512)
+REP_ERR_BLOCK_SIZE_REQD = ERR + 8
+
+
+def _block_size(out: list[tuple[int, int, bytes]]) -> tuple[int, int, int]:
+    for _, rtype, payload in out:
+        if rtype == REP_INFO and struct.unpack(">H", payload[:2])[0] == 3:
+            return struct.unpack(">III", payload[2:])
+    raise AssertionError("no NBD_INFO_BLOCK_SIZE")
+
+
+def test_info_without_block_size_request_on_sector_export_is_refused() -> None:
+    h = hs(exports=(SECTORED,))
+    out = replies(h.receive(opt(OPT_INFO, info_req("s"))))
+    assert out[-1][1] == REP_ERR_BLOCK_SIZE_REQD
+    assert _block_size(out)[0] == 512  # the constraint is sent first (the spec's SHOULD)
+    out = replies(h.receive(opt(OPT_INFO, info_req("s", 3))))
+    assert out[-1][1] == REP_ACK and _block_size(out)[0] == 512
+
+
+def test_go_without_block_size_request_gets_minimum_one() -> None:
+    h = hs(exports=(SECTORED,))
+    out = replies(h.receive(opt(OPT_GO, info_req("s"))))
+    assert out[-1][1] == REP_ACK and _block_size(out) == (1, 4096, 32 << 20)
+    h = hs(exports=(SECTORED,))
+    out = replies(h.receive(opt(OPT_GO, info_req("s", 3))))
+    assert _block_size(out)[0] == 512
+
+
+def test_info_without_request_on_byte_export_is_answered() -> None:
+    out = replies(hs().receive(opt(OPT_INFO, info_req("foo"))))
+    assert out[-1][1] == REP_ACK and _block_size(out)[0] == 1
+
+
+def _export_flags(out: list[tuple[int, int, bytes]]) -> int:
+    for _, rtype, payload in out:
+        if rtype == REP_INFO and struct.unpack(">H", payload[:2])[0] == 0:
+            return int(struct.unpack(">QH", payload[2:])[1])
+    raise AssertionError("no NBD_INFO_EXPORT")
+
+
+@pytest.mark.parametrize("option", [OPT_INFO, OPT_GO])
+def test_send_df_only_after_structured_replies(option: int) -> None:
+    h = hs(exports=(SECTORED,))
+    assert not _export_flags(replies(h.receive(opt(option, info_req("s", 3))))) & 0x80
+    h = hs(exports=(SECTORED,))
+    h.receive(opt(OPT_STRUCTURED))
+    assert _export_flags(replies(h.receive(opt(option, info_req("s", 3))))) & 0x80
+
+
+def test_send_df_with_export_name() -> None:
+    h = hs(exports=(SECTORED,))
+    assert h.receive(opt(OPT_EXPORT_NAME, b"s")) == struct.pack(">QH", 1 << 20, 0x5)
+    h = hs(exports=(SECTORED,))
+    h.receive(opt(OPT_STRUCTURED))
+    assert h.receive(opt(OPT_EXPORT_NAME, b"s"))[-2:] == struct.pack(">H", 0x85)

@@ -1,0 +1,260 @@
+"""Scenarios of the peer test suites that run qemu-nbd (libnbd's interop/ tests), run
+against nbdqcow's qemu-nbd command line and against qemu-nbd itself.
+
+Each test starts the server the way the peer test does (systemd socket activation
+through libnbd, or ``-k SOCKET`` with no ``-t``), with the same command-line arguments,
+and checks what the peer test asserts.  The facts come from reading those tests
+(libnbd interop/interop-qemu-block-size.sh, structured-read.sh, list-exports.c,
+interop.c, dirty-bitmap.sh); no code is taken from them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tooling import REPO, repo_env, require_tool  # noqa: E402
+
+nbd = pytest.importorskip("nbd")
+
+SERVERS = ["nbdqcow", "qemu-nbd"]
+
+
+def server_argv(which: str) -> list[str]:
+    """The server's qemu-nbd-compatible command (no arguments yet)."""
+    if which == "qemu-nbd":
+        return [require_tool("qemu-nbd")]
+    # libnbd execs this itself: put the checkout on the path through env(1), which
+    # keeps the pid (LISTEN_PID must name the server process)
+    return ["/usr/bin/env", f"PYTHONPATH={REPO}", sys.executable, "-c",
+            "import sys; from nbdqcow.cli import qemu_nbd_main; sys.exit(qemu_nbd_main())"]
+
+
+def activated(which: str, *args: str, **opts: object) -> nbd.NBD:
+    h = nbd.NBD()
+    for key, value in opts.items():
+        getattr(h, key)(*value) if isinstance(value, tuple) else getattr(h, key)(value)
+    h.connect_systemd_socket_activation([*server_argv(which), *args])
+    return h
+
+
+def qemu(*args: str) -> None:
+    subprocess.run(list(args), check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("which", SERVERS)
+def test_interop_raw_export_named_slash(tmp_path: Path, which: str) -> None:
+    """interop.c: -f raw -x / on a 1 MiB sparse file; size, one 512-byte read, shutdown."""
+    img = tmp_path / "disk"
+    img.write_bytes(b"")
+    os.truncate(img, 1 << 20)
+    h = activated(which, "-f", "raw", "-x", "/", str(img), set_export_name="/")
+    assert h.get_size() == 1 << 20
+    assert h.pread(512, 0) == bytes(512)
+    h.shutdown()
+
+
+@pytest.mark.parametrize("which", SERVERS)
+def test_list_exports_with_description(tmp_path: Path, which: str) -> None:
+    """list-exports.c: -f raw -x testing -D data on a 1 KiB file, in option mode."""
+    img = tmp_path / "disk"
+    img.write_bytes(bytes(1024))
+    h = activated(which, "-f", "raw", "-x", "testing", "-D", "data", str(img),
+                  set_opt_mode=True)
+    got: list[tuple[str, str]] = []
+    h.opt_list(lambda name, desc: got.append((name, desc)) or 0)
+    assert got == [("testing", "data")]
+    h.opt_abort()
+
+
+@pytest.mark.parametrize("which", SERVERS)
+def test_structured_read_hole_then_data(tmp_path: Path, which: str) -> None:
+    """structured-read.sh: 512-byte clusters, all 1 but a zero cluster at 2 KiB.  A read
+    of [2 KiB, 3 KiB) comes as a HOLE chunk then a DATA chunk; with DF one DATA chunk."""
+    require_tool("qemu-img")
+    img = tmp_path / "sr.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512,compat=v3",
+         str(img), "3k")
+    qemu("qemu-io", "-d", "unmap", "-f", "qcow2", "-c", "w -P 1 0 3k", "-c", "w -zu 2k 512",
+         str(img))
+    h = activated(which, "-f", "qcow2", str(img))
+    assert h.get_size() == 3072 and h.can_df()
+    chunks: list[tuple[int, int, int, bytes]] = []
+
+    def cb(buf: bytes, offset: int, status: int, err: int) -> int:
+        chunks.append((offset, len(buf), status, bytes(buf)))
+        return 0
+
+    h.pread_structured(1024, 2048, cb)
+    assert [c[:3] for c in chunks] == [(2048, 512, nbd.READ_HOLE), (2560, 512, nbd.READ_DATA)]
+    assert chunks[1][3] == b"\1" * 512
+    chunks.clear()
+    h.pread_structured(1024, 2048, cb, nbd.CMD_FLAG_DF)
+    assert [c[:3] for c in chunks] == [(2048, 1024, nbd.READ_DATA)]
+    assert chunks[0][3] == bytes(512) + b"\1" * 512
+
+    def failing(buf: bytes, offset: int, status: int, err: int) -> int:
+        chunks.append((offset, len(buf), status, b""))
+        return -1
+
+    chunks.clear()
+    with pytest.raises(nbd.Error):
+        h.pread_structured(1024, 2048, failing)
+    assert len(chunks) == 2 and h.aio_is_ready()  # the connection stays up
+    assert h.pread(1, 0) == b"\1"
+    h.shutdown()
+
+
+@pytest.mark.parametrize("which", SERVERS)
+def test_structured_read_small_mixed_reads(tmp_path: Path, which: str) -> None:
+    """Small structured reads across data and zero clusters read back exactly, and the
+    zero clusters come as holes, whatever their position in the request."""
+    require_tool("qemu-img")
+    img = tmp_path / "mix.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(img), "64k")
+    qemu("qemu-io", "-f", "qcow2", "-c", "w -P 7 4k 4k", "-c", "w -P 9 12k 8k",
+         "-c", "w -P 0 24k 4k", str(img))
+    h = activated(which, "-f", "qcow2", str(img))
+    expect = (bytes(4096) + b"\7" * 4096 + bytes(4096) + b"\x09" * 8192).ljust(65536, b"\0")
+    chunks: list[tuple[int, int, int, bytes]] = []
+
+    def cb(buf: bytes, offset: int, status: int, err: int) -> int:
+        chunks.append((offset, len(buf), status, bytes(buf)))
+        return 0
+
+    for off, n in [(0, 32768), (2048, 8192), (4096, 16384), (6000, 9000)]:
+        chunks.clear()
+        h.pread_structured(n, off, cb)
+        got = bytearray(n)
+        for o, length, status, data in chunks:
+            got[o - off : o - off + length] = data
+            if status == nbd.READ_HOLE:
+                assert not any(expect[o : o + length])
+        assert bytes(got) == expect[off : off + n]
+        assert sum(c[1] for c in chunks) == n
+        holes = [c for c in chunks if c[2] == nbd.READ_HOLE]
+        if off == 4096:  # [8k, 12k) is an unallocated cluster between two data clusters
+            assert (8192, 4096) in [(c[0], c[1]) for c in holes]
+    h.shutdown()
+
+
+def _block_sizes(which: str, fmt_args: list[str], request: bool, image: Path
+                 ) -> tuple[int, int]:
+    """interop-qemu-block-size.sh: qemu-nbd -k SOCK [FMT] FILE (no -t); nbdsh in option
+    mode, with or without asking for block sizes; the minimum INFO reports (0 when INFO
+    fails) and the one GO reports; the server must exit 0 after the client leaves."""
+    sock = image.parent / f"bs-{which}-{request}-{len(fmt_args)}.sock"
+    argv = ([require_tool("qemu-nbd")] if which == "qemu-nbd"
+            else [sys.executable, "-m", "nbdqcow", "serve"])
+    proc = subprocess.Popen([*argv, "-k", str(sock), *fmt_args, str(image)],
+                            env=repo_env(), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        h = nbd.NBD()
+        h.set_opt_mode(True)
+        assert h.get_request_block_size()
+        h.set_request_block_size(request)
+        h.connect_unix(str(sock))
+        try:
+            h.opt_info()
+            info_min = h.get_block_size(nbd.SIZE_MINIMUM)
+        except nbd.Error:
+            info_min = 0
+        h.opt_go()
+        go_min = h.get_block_size(nbd.SIZE_MINIMUM)
+        h.shutdown()
+        del h
+        assert proc.wait(15) == 0
+        return info_min, go_min
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("which", SERVERS)
+def test_block_size_probed_raw(tmp_path: Path, which: str) -> None:
+    img = tmp_path / "bs.raw"
+    img.write_bytes(b"")
+    os.truncate(img, 10 << 20)
+    # probed raw: sectors when asked; INFO refused and GO at 1 when not asked
+    assert _block_sizes(which, [], True, img) == (512, 512)
+    assert _block_sizes(which, [], False, img) == (0, 1)
+    # -f raw: byte granularity either way
+    assert _block_sizes(which, ["-f", "raw"], True, img) == (1, 1)
+    assert _block_sizes(which, ["-f", "raw"], False, img) == (1, 1)
+
+
+def test_unaligned_writes_to_probed_raw_after_go_at_one(tmp_path: Path) -> None:
+    """A client told minimum 1 may write single bytes anywhere, block 0 included; the
+    probing guard still refuses a first sector that would probe as another format."""
+    img = tmp_path / "u.raw"
+    img.write_bytes(b"")
+    os.truncate(img, 1 << 20)
+    h = activated("nbdqcow", str(img), set_request_block_size=False)
+    assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
+    h.pwrite(b"x", 100)
+    h.pwrite(b"yz", 5000)
+    with pytest.raises(nbd.Error) as err:
+        h.pwrite(b"QFI\xfb\0\0\0\3", 0)
+    assert err.value.errnum == 1  # EPERM
+    assert h.pread(4, 99) == b"\0x\0\0" and h.pread(4, 4999) == b"\0yz\0"
+    h.shutdown()
+    data = img.read_bytes()
+    assert data[100:101] == b"x" and data[5000:5002] == b"yz" and data[:4] == bytes(4)
+
+
+def _export_flags(sock_path: Path, structured: bool) -> int:
+    """Transmission flags as NBD_OPT_GO reports them, on a raw socket."""
+    import socket
+    import struct
+
+    def take(s: socket.socket, n: int) -> bytes:
+        b = b""
+        while len(b) < n:
+            c = s.recv(n - len(b))
+            assert c, "server closed"
+            b += c
+        return b
+
+    def option(s: socket.socket, code: int, data: bytes) -> list[tuple[int, bytes]]:
+        s.sendall(struct.pack(">QII", 0x49484156454F5054, code, len(data)) + data)
+        out = []
+        while True:
+            _, _, rtype, length = struct.unpack(">QIII", take(s, 20))
+            out.append((rtype, take(s, length)))
+            if rtype != 3:
+                return out
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock_path))
+        take(s, 18)
+        s.sendall(struct.pack(">I", 3))
+        if structured:
+            assert option(s, 8, b"")[-1][0] == 1
+        for rtype, payload in option(s, 7, struct.pack(">IH", 0, 0)):
+            if rtype == 3 and payload[:2] == b"\0\0":
+                return int(struct.unpack(">H", payload[10:12])[0])
+    raise AssertionError("no NBD_INFO_EXPORT")
+
+
+@pytest.mark.parametrize("which", SERVERS)
+def test_no_df_flag_before_structured_replies(
+        tmp_path: Path, which: str, nbdqcow_server, qemu_nbd_server) -> None:  # type: ignore[no-untyped-def]
+    """The spec: SEND_DF MUST be clear when structured replies are not negotiated."""
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(1 << 16))
+    start = nbdqcow_server if which == "nbdqcow" else qemu_nbd_server
+    srv = start(img, "-f", "raw", "-t")
+    assert srv.socket is not None
+    assert not _export_flags(srv.socket, structured=False) & 0x80
+    assert _export_flags(srv.socket, structured=True) & 0x80
