@@ -23,8 +23,14 @@ from nbdqcow.errors import NotSupported, WriteRefused
 SECTOR = 512
 
 
+def sector_ceil(n: int) -> int:
+    """``n`` rounded up to whole 512-byte sectors (qemu's length of a host file)."""
+    return -(-n // SECTOR) * SECTOR
+
+
 class RawDriver:
-    """A raw image file.  ``size`` is fixed at open (file size minus ``offset``)."""
+    """A raw image file.  ``size`` is fixed at open (file size in whole sectors minus
+    ``offset``)."""
 
     def __init__(
         self, path: str, writable: bool = True, offset: int = 0, size: int | None = None,
@@ -37,7 +43,9 @@ class RawDriver:
         self.file = HostFile(path, writable, lock=access.image("raw"))
         self.path = path
         self.offset = offset
-        self._size = (self.file.size() - offset) if size is None else size
+        # qemu's block layer counts whole sectors: a file of 1000 bytes is a 1024-byte
+        # image (the tail reads as zeros; writing there extends the file)
+        self._size = (sector_ceil(self.file.size()) - offset) if size is None else size
         if self._size < 0:
             self._size = 0
         self._caps = Capabilities(

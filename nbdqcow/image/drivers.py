@@ -8,7 +8,7 @@ from typing import Any
 
 from nbdqcow.block.driver import BlockDriver
 from nbdqcow.block.null import DEFAULT_SIZE, NullDriver
-from nbdqcow.block.raw import RawDriver
+from nbdqcow.block.raw import RawDriver, sector_ceil
 from nbdqcow.block.slice import SliceDriver
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.image.context import OpenContext, file_options, host_error
@@ -82,7 +82,7 @@ def build_raw(ctx: OpenContext, o: NodeOptions) -> BlockDriver:
             return drv
         return SliceDriver(drv, offset, size, writable=ctx.writable)
     try:
-        total = os.stat(ref.path).st_size
+        total = sector_ceil(os.stat(ref.path).st_size)
     except OSError as e:
         raise host_error(ref.path, e) from None
     _check_window(offset, size, total)

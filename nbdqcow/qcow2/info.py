@@ -17,6 +17,7 @@ from typing import Any
 
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.locking import Access, ImageLocked
+from nbdqcow.block.raw import sector_ceil
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.bitmaps import read_directory
@@ -129,7 +130,7 @@ def image_info(path: str, fmt: str,
             return _qcow2_info(f, path, snapshots_out if snapshots_out is not None else [])
         if fmt != "raw":
             raise ImageOpenError(f"Unknown driver '{fmt}'")
-        return {"virtual-size": f.size(), "filename": path, "format": "raw",
+        return {"virtual-size": sector_ceil(f.size()), "filename": path, "format": "raw",
                 "actual-size": f.allocated_bytes(), "dirty-flag": False}
     finally:
         f.close()
