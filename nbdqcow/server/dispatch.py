@@ -77,6 +77,15 @@ NOWAIT_PAUSE = 64
 COLD_READ_NS = 150_000
 #: small READs served that way after the last one that missed the page cache
 COLD_SPAN = 256
+#: WRITEs of at least INLINE_LIMIT bytes also run on the event loop when they only copy
+#: into the page cache (cache=writeback/unsafe, no FUA): handing them to the writer
+#: thread cost a quarter of the server's CPU per byte (GIL hand-offs, wake-ups), more
+#: than the copy it moved off the loop.  A write that took longer than SLOW_WRITE_NS
+#: waited (dirty-page throttling, a lock): the next SLOW_SPAN large writes go to the
+#: writer thread, then the loop tries again
+BIG_WRITE_CACHES = frozenset({"writeback", "unsafe"})
+SLOW_WRITE_NS = 4_000_000
+SLOW_SPAN = 64
 #: structured READs at least this large look for holes through block status (smaller
 #: ones are read and sent as one hole when they are all zeroes)
 HOLE_SCAN_MIN = INLINE_LIMIT
@@ -232,6 +241,8 @@ class Dispatcher:
         self._nowait_misses = 0
         self._nowait_skip = 0
         self._cold = 0  # > 0: small READs try RWF_NOWAIT first (see COLD_READ_NS)
+        self._big_inline = export.cache in BIG_WRITE_CACHES
+        self._slow = 0  # > 0: large WRITEs go to the writer thread (see SLOW_WRITE_NS)
         df = _DF if self.structured else 0
         pl = _PAYLOAD_LEN if neg.extended else 0
         self._allowed: dict[int, int] = {
@@ -629,7 +640,29 @@ class Dispatcher:
                     drv.flush()
             return [enc.ok(cookie, off)]
 
-        self._run(req, off, off + n, True, fn, n < INLINE_LIMIT and not fua)
+        if n < INLINE_LIMIT or fua or not self._write_here():
+            self._run(req, off, off + n, True, fn, n < INLINE_LIMIT and not fua)
+            return
+
+        def timed() -> Reply:
+            t0 = now_ns()
+            try:
+                return fn()
+            finally:
+                if now_ns() - t0 > SLOW_WRITE_NS:
+                    self._slow = SLOW_SPAN
+
+        self._run(req, off, off + n, True, timed, True)
+
+    def _write_here(self) -> bool:
+        """A large WRITE without FUA: on the event loop (a copy into the page cache),
+        unless a recent one there was slow (then SLOW_SPAN go to the writer thread)."""
+        if not self._big_inline:
+            return False
+        if self._slow:
+            self._slow -= 1
+            return False
+        return True
 
     def _zero(self, off: int, n: int, may_unmap: bool, fast: bool) -> None:
         drv = self.driver
