@@ -21,6 +21,15 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+_SYNC_FILE_RANGE_WRITE = 2
+#: copy_file_range errors after which a copy goes through a buffer instead
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
+                             errno.EBADF, errno.ETXTBSY})
+_COPY_BUFFER = 1 << 20
 
 
 def pread_full(fd: int, length: int, offset: int) -> bytes:
@@ -70,6 +79,7 @@ class HostFile:
                 self.fd = -1
                 raise
         self._size_lock = threading.Lock()
+        self._kernel_copy = hasattr(os, "copy_file_range")
         # set by a failed fdatasync: the kernel may have dropped the dirty pages it could
         # not write, so a later fdatasync that succeeds proves nothing; every later sync
         # fails (as qemu's file driver does) instead of claiming durability
@@ -106,6 +116,39 @@ class HostFile:
         n = os.pwrite(self.fd, mv, offset)
         while n < len(mv):
             n += os.pwrite(self.fd, mv[n:], offset + n)
+
+    def copy_from(self, src: HostFile, src_offset: int, length: int, offset: int) -> None:
+        """Copy ``length`` bytes of ``src`` at ``src_offset`` to ``offset`` of this file
+        inside the kernel (copy_file_range: the data never passes through user space,
+        and a file system that can share blocks shares them); through a buffer where
+        the kernel cannot (another file system, no copy_file_range).  Bytes past the end
+        of ``src`` read as zeros, as :meth:`pread` has them."""
+        while length > 0:
+            n = 0
+            if self._kernel_copy:
+                try:
+                    n = os.copy_file_range(src.fd, self.fd, length, src_offset, offset)
+                except OSError as e:
+                    if e.errno not in _NO_KERNEL_COPY:
+                        raise
+                    self._kernel_copy = False
+                    continue
+            else:
+                data = os.pread(src.fd, min(length, _COPY_BUFFER), src_offset)
+                if data:
+                    self.pwrite(data, offset)
+                n = len(data)
+            if n == 0:  # the end of src
+                self.write_zeros(offset, length)
+                return
+            src_offset, offset, length = src_offset + n, offset + n, length - n
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Start writing the dirty pages of a range to the disk without waiting
+        (sync_file_range WRITE; no durability promise: :meth:`sync` still makes it
+        durable, only sooner).  Does nothing where the call is missing."""
+        if _sync_file_range is not None and length > 0:
+            _sync_file_range(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def sync(self) -> None:
         if self.sync_error is not None:

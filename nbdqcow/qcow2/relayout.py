@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from nbdqcow.block.hostfile import HostFile, copy_mode, remove_file, replace_file, sync_path
@@ -27,6 +25,7 @@ from nbdqcow.qcow2.bitmap_store import BitmapOpError, add_stored_bitmaps, read_s
 from nbdqcow.qcow2.create import Qcow2Options, create_qcow2, plan_layout
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.entries import SC
+from nbdqcow.qcow2.relayout_copy import Piece, copy_pieces, merge_pieces
 
 TMP_SUFFIX = ".relayout-tmp"
 COPIED = L.QCOW_OFLAG_COPIED
@@ -132,111 +131,25 @@ def _copy_cluster(src: Qcow2Driver, dst: Qcow2Driver, gc: int) -> None:
     dst.l2_cache.mark_dirty(l2off)
 
 
-#: data is copied through buffers this large: consecutive guest clusters are
-#: consecutive in the new file, so each buffer goes out in one write; small enough that
-#: the buffer is still in the CPU cache when it is written (8 MiB buffers made the copy
-#: two to three times slower)
-COPY_CHUNK = 256 << 10
-
-
-class _Batch:
-    """Guest-contiguous plain data gathered from wherever it lies in the old file, then
-    written to the new file in one write per buffer that leaves out all-zero clusters
-    (the fresh data area reads as zeros already).  Each buffer is read and written by one
-    of several threads, so reads and writes overlap (as qemu-img convert keeps several
-    requests in flight)."""
-
-    BUFFERS = 16
-    THREADS = 8
-
-    def __init__(self, src: Qcow2Driver, dst: Qcow2Driver) -> None:
-        self.src, self.dst = src, dst
-        self.cs = dst.geo.cluster_size
-        self.free = [bytearray(COPY_CHUNK) for _ in range(self.BUFFERS)]
-        self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="relayout")
-        self.inflight: deque[tuple[Future[None], bytearray]] = deque()
-        self.buf = self.free.pop()
-        self.pieces: list[tuple[int, int, int]] = []  # (offset in buf, length, old host)
-        self.guest = 0  # guest offset of buf[0]
-        self.used = 0
-        self.host = 0  # where buf[0] goes in the new file
-
-    def add(self, guest: int, n: int, src_host: int) -> None:
-        while n:
-            if self.used and (self.guest + self.used != guest or self.used == COPY_CHUNK):
-                self.flush()
-            if not self.used:
-                self.guest = guest
-                self.host = _dst_host(self.dst, guest)
-            k = min(n, COPY_CHUNK - self.used)
-            self.pieces.append((self.used, k, src_host))
-            self.used += k
-            guest, n, src_host = guest + k, n - k, src_host + k
-
-    def flush(self) -> None:
-        used, cs, dst = self.used, self.cs, self.dst
-        if not used:
-            return
-        # the new layout maps every cluster of the batch right after the previous one
-        delta = self.host - self.guest
-        first = self.guest & ~(cs - 1)
-        for g in range(first, self.guest + used, cs):
-            if _dst_host(dst, max(g, self.guest)) - max(g, self.guest) != delta:
-                raise NbdqcowError("relayout: the new image is not laid out at one offset")
-        buf = self.buf
-        self.inflight.append((self.pool.submit(
-            _copy_batch, self.src.data_file, self.pieces, dst.file, buf, used, cs,
-            self.host), buf))
-        self.pieces = []
-        if not self.free:
-            fut, done = self.inflight.popleft()
-            fut.result()
-            self.free.append(done)
-        self.buf = self.free.pop()
-        self.used = 0
-
-    def finish(self) -> None:
-        """Flush, wait for every write (re-raising its error), stop the threads."""
-        try:
-            self.flush()
-            while self.inflight:
-                self.inflight.popleft()[0].result()
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _copy_batch(src: HostFile, pieces: list[tuple[int, int, int]], file: HostFile,
-                buf: bytearray, used: int, cs: int, host: int) -> None:
-    """Read ``pieces`` (offset in buf, length, host offset in ``src``) into ``buf``, then
-    write buf[:used] at ``host`` of ``file``, all-zero clusters left out."""
+def _check_constant(dst: Qcow2Driver, data_offset: int) -> None:
+    """Every guest cluster of the fresh image maps to guest + ``data_offset`` (the layout
+    create.py preallocated), checked table by table before any data is copied there."""
     import numpy as np
 
-    view = memoryview(buf)
-    for at, n, src_host in pieces:
-        src.preadinto(view[at:at + n], src_host)
-    whole = used - used % cs
-    nonzero = np.frombuffer(buf, dtype=np.uint64, count=whole // 8).reshape(
-        -1, cs // 8).any(axis=1).tolist() if whole else []
-    if whole < used:
-        nonzero.append(buf.count(0, whole, used) != used - whole)
-    mv = memoryview(buf)
-    i = 0
-    while i < len(nonzero):
-        if not nonzero[i]:
-            i += 1
-            continue
-        j = i
-        while j < len(nonzero) and nonzero[j]:
-            j += 1
-        a, b = i * cs, min(j * cs, used)
-        file.pwrite(mv[a:b], host + a)
-        i = j
-
-
-def _dst_host(dst: Qcow2Driver, guest: int) -> int:
     geo = dst.geo
-    table = dst.l2_cache.get(dst.l1[geo.offset_to_l1_index(guest)] & L.L1E_OFFSET_MASK)
-    return (table[geo.offset_to_l2_index(guest)] & OFF_MASK) + (guest & (geo.cluster_size - 1))
+    cs, per = geo.cluster_size, geo.l2_size
+    clusters = geo.size_to_clusters(dst.size)
+    for l1i in range(-(-clusters // per)):
+        n = min(per, clusters - l1i * per)
+        l2off = dst.l1[l1i] & L.L1E_OFFSET_MASK
+        ok = False
+        if l2off:
+            got = np.frombuffer(dst.l2_cache.get(l2off), dtype=np.uint64, count=n)
+            want = np.arange(n, dtype=np.uint64) * np.uint64(cs) + np.uint64(
+                l1i * per * cs + data_offset)
+            ok = bool(np.array_equal(got & np.uint64(OFF_MASK), want))
+        if not ok:
+            raise NbdqcowError("relayout: the new image is not laid out at one offset")
 
 
 def _set_entries(dst: Qcow2Driver, start: int, n: int, zero: bool) -> None:
@@ -263,23 +176,17 @@ def _set_entries(dst: Qcow2Driver, start: int, n: int, zero: bool) -> None:
         gc += stop - idx
 
 
-def _copy_standard(src: Qcow2Driver, dst: Qcow2Driver, progress: Progress | None) -> None:
-    """:func:`_copy_cluster` for standard L2 tables, run by run: plain data through a
-    :class:`_Batch`, the other states entry by entry."""
-    batch = _Batch(src, dst)
-    try:
-        _copy_runs(src, dst, batch, progress)
-    finally:
-        batch.finish()
-
-
-def _copy_runs(src: Qcow2Driver, dst: Qcow2Driver, batch: _Batch,
-               progress: Progress | None) -> None:
+def _copy_standard(src: Qcow2Driver, dst: Qcow2Driver, data_offset: int,
+                   progress: Progress | None) -> None:
+    """:func:`_copy_cluster` for standard L2 tables, run by run: zero and unallocated
+    runs set their entries, compressed clusters are copied one by one, and plain data
+    is gathered into pieces copied in the old file's order (:mod:`relayout_copy`)."""
+    _check_constant(dst, data_offset)
     cs = dst.geo.cluster_size
-    total = dst.geo.size_to_clusters(src.size)
+    pieces: list[Piece] = []
     for start, n, t, sh in src.runs(0, src.size):
         if t is SC.NORMAL:
-            batch.add(start, n, sh)
+            pieces.append((sh, n, start + data_offset))
         elif t in _ZERO or t is SC.UNALLOCATED_PLAIN:
             zero = t in _ZERO or not src.header.backing_file
             if zero and dst.header.version < 3:
@@ -287,12 +194,15 @@ def _copy_runs(src: Qcow2Driver, dst: Qcow2Driver, batch: _Batch,
             else:
                 _set_entries(dst, start, n, zero)
         else:
-            batch.flush()
             for gc in range(start // cs, (start + n + cs - 1) // cs):
                 _copy_cluster(src, dst, gc)
-        done = (start + n + cs - 1) // cs
+    total = dst.geo.size_to_clusters(src.size)
+
+    def bar(done: int, to_copy: int) -> None:
         if progress is not None:
-            progress(done, total)
+            progress(total * done // max(1, to_copy), total)
+
+    copy_pieces(src.data_file, dst.file, merge_pieces(pieces), bar)
 
 
 def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int,
@@ -356,7 +266,7 @@ def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
                     if _pause:
                         time.sleep(_pause)
             else:
-                _copy_standard(src, dst, progress)
+                _copy_standard(src, dst, data_offset, progress)
             if bitmaps:
                 assert dst.live_bitmaps is not None
                 add_stored_bitmaps(dst.live_bitmaps, bitmaps)

@@ -2,8 +2,9 @@
 a power cut could leave behind.
 
 :class:`Recorder` (a context manager) wraps the system calls that change files --
-``os.pwrite``/``os.pwritev``/``os.write``, ``os.ftruncate``, ``os.posix_fallocate``, the
-``fallocate(2)`` of :mod:`nbdqcow.block.hostfile` (punch hole, zero range, ...),
+``os.pwrite``/``os.pwritev``/``os.write``, ``os.copy_file_range`` (logged as a write of
+what it copied), ``os.ftruncate``, ``os.posix_fallocate``, the ``fallocate(2)`` of
+:mod:`nbdqcow.block.hostfile` (punch hole, zero range, ...),
 ``os.fsync``/``os.fdatasync`` and ``os.open`` with ``O_TRUNC`` -- and logs, in order,
 the calls that land on the tracked files.  Each such call must come from
 ``nbdqcow/block/hostfile.py`` (the only code meant to touch image files); a call from
@@ -134,6 +135,21 @@ class Recorder:
                 return n
             return f
 
+        def copy_file_range(orig: Any) -> Any:
+            def f(src: int, dst: int, count: int, offset_src: int | None = None,
+                  offset_dst: int | None = None) -> Any:
+                path = rec._path_of(dst)
+                n = orig(src, dst, count, offset_src, offset_dst)
+                if path is not None:
+                    rec._caller_ok(path, "copy_file_range")
+                    if offset_src is None or offset_dst is None:
+                        rec.violations.append(f"copy_file_range on {path} (position unknown)")
+                    else:  # logged as the write of what was copied
+                        rec.events.append(Event("write", path, offset_dst,
+                                                os.pread(src, n, offset_src)))
+                return n
+            return f
+
         def write(orig: Any) -> Any:
             def f(fd: int, data: Any) -> Any:
                 path = rec._path_of(fd)
@@ -224,6 +240,8 @@ class Recorder:
         self._wrap(os, "pwrite", pwrite)
         self._wrap(os, "pwritev", pwritev)
         self._wrap(os, "write", write)
+        if hasattr(os, "copy_file_range"):
+            self._wrap(os, "copy_file_range", copy_file_range)
         self._wrap(os, "ftruncate", ftruncate)
         self._wrap(os, "fsync", sync)
         self._wrap(os, "fdatasync", sync)

@@ -1,0 +1,112 @@
+"""relayout's data copy (nbdqcow/qcow2/relayout_copy.py and HostFile.copy_from): pieces
+from scattered places of one file to their places in another, against a plain
+bytearray model, in the kernel and through a buffer, with holes in the source."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from nbdqcow.block.hostfile import HostFile
+from nbdqcow.qcow2.relayout_copy import _windows, clip_to_data, copy_pieces, merge_pieces
+
+CS = 4096
+
+
+def test_merge_joins_pieces_contiguous_in_both_files() -> None:
+    got = merge_pieces([(3 * CS, CS, 0), (0, CS, 100 * CS), (CS, CS, 101 * CS),
+                        (4 * CS, CS, CS), (2 * CS, CS, 50 * CS)])
+    assert got == [(0, 2 * CS, 100 * CS), (2 * CS, CS, 50 * CS), (3 * CS, 2 * CS, 0)]
+
+
+def test_clip_keeps_only_the_data_extents() -> None:
+    pieces = [(0, 10, 100), (20, 10, 200), (40, 30, 300)]
+    data = [(5, 20), (45, 5), (60, 100)]
+    assert list(clip_to_data(pieces, data)) == [
+        (5, 5, 105), (20, 5, 200), (45, 5, 305), (60, 10, 320)]
+    assert list(clip_to_data(pieces, [])) == []
+
+
+def test_windows_split_pieces_at_window_ends_and_keep_old_order() -> None:
+    todo = [(0, 30, 90), (50, 10, 5), (70, 10, 15)]
+    ws = _windows(todo, 20)
+    assert ws == [(0, 20, [(50, 10, 5), (70, 5, 15)]), (20, 40, [(75, 5, 20)]),
+                  (80, 100, [(0, 10, 90)]), (100, 120, [(10, 20, 100)])]
+    assert _windows(todo, 0) == [(5, 120, todo)]
+    assert _windows([], 20) == []
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "buffer"])
+@pytest.mark.parametrize("threads,window", [(1, 0), (2, 8 * CS), (3, 3 * CS)])
+def test_copy_matches_a_model(tmp_path: Path, kernel: bool, threads: int, window: int) -> None:
+    rng = random.Random(threads * 7 + window)
+    n = 64
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    src_data = bytearray(rng.randbytes(n * CS))
+    with open(src_path, "wb") as f:
+        f.write(src_data)
+    # a hole in the source: clusters 10..19 read as zeros and are not copied
+    holed = HostFile(str(src_path), writable=True)
+    try:
+        assert holed.punch_hole(10 * CS, 10 * CS)
+    finally:
+        holed.close()
+    src_data[10 * CS : 20 * CS] = bytes(10 * CS)
+    dst_size = (n + 8) * CS
+    with open(dst_path, "wb") as f:
+        f.truncate(dst_size)
+    order = list(range(n))
+    rng.shuffle(order)
+    base = 8 * CS
+    pieces = [(order[g] * CS, CS, base + g * CS) for g in range(n)]
+    # one piece runs past the end of the source: it reads as zeros
+    pieces[-1] = (n * CS - CS // 2, CS, base + (n - 1) * CS)
+    model = bytearray(dst_size)
+    for s, k, d in pieces:
+        chunk = bytes(src_data[s : s + k]).ljust(k, b"\0")
+        model[d : d + k] = chunk
+    src, dst = HostFile(str(src_path), writable=False), HostFile(str(dst_path), writable=True)
+    dst._kernel_copy = kernel
+    seen: list[tuple[int, int]] = []
+    try:
+        copied = copy_pieces(src, dst, merge_pieces(pieces),
+                             lambda d, t: seen.append((d, t)), threads=threads, window=window)
+    finally:
+        src.close()
+        dst.close()
+    assert dst_path.read_bytes() == bytes(model)
+    assert copied < n * CS  # the hole was left out
+    assert seen and seen[-1] == (copied, copied)
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
+
+
+def test_a_failing_copy_is_raised_in_the_caller(tmp_path: Path) -> None:
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    src_path.write_bytes(os.urandom(16 * CS))
+    dst_path.write_bytes(bytes(16 * CS))
+    src, dst = HostFile(str(src_path), writable=False), HostFile(str(dst_path), writable=False)
+    try:
+        with pytest.raises(OSError):
+            copy_pieces(src, dst, [(0, 16 * CS, 0)], threads=2, window=CS)
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "buffer"])
+def test_copy_from_past_the_end_of_the_source_writes_zeros(tmp_path: Path,
+                                                           kernel: bool) -> None:
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    src_path.write_bytes(b"a" * 3000)
+    dst_path.write_bytes(b"b" * 8192)
+    src, dst = HostFile(str(src_path), writable=False), HostFile(str(dst_path), writable=True)
+    dst._kernel_copy = kernel
+    try:
+        dst.copy_from(src, 1000, 4000, 100)
+    finally:
+        src.close()
+        dst.close()
+    assert dst_path.read_bytes() == b"b" * 100 + b"a" * 2000 + bytes(2000) + b"b" * 4092
