@@ -111,7 +111,11 @@ class TlsLayer(asyncio.BufferedProtocol):
         return self._buf
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.feed(self._buf[:nbytes])
+        if self.ready and not self._closed:
+            self.session.feed(self._buf[:nbytes])
+            self._pump()
+        else:
+            self.feed(self._buf[:nbytes])
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -125,28 +129,25 @@ class TlsLayer(asyncio.BufferedProtocol):
         """Hand decrypted bytes to the app while it reads."""
         session, app = self.session, self.app
         while not self._paused and not self._closed:
-            # a record holds at most 16 KiB: fill the app's buffer from as many records
-            # as there are before handing it over (one buffer_updated per MiB, not 64)
+            # one read_into fills the app's buffer from as many records as there are
+            # (one buffer_updated per MiB, not one per 16 KiB record); a short one means
+            # the session has nothing more until the next feed
             buf = app.get_buffer(-1)
-            size, got = len(buf), 0
             try:
-                while got < size:
-                    n = session.read_into(buf[got:] if got else buf)
-                    if n <= 0:
-                        break
-                    got += n
+                got = session.read_into(buf)
             except TlsClosed:
-                if got:
-                    app.buffer_updated(got)
-                self._flush()
-                self.close()
-                return
+                got = 0
             except TlsError as e:
                 self._fail(f"TLS error: {e}")
                 return
-            if not got:
+            if got:
+                app.buffer_updated(got)
+            if session.eof:
+                self._flush()
+                self.close()
+                return
+            if got < len(buf):
                 break
-            app.buffer_updated(got)
         self._flush()  # TLS 1.3 key updates / tickets
 
     def _flush(self) -> None:

@@ -25,9 +25,12 @@ class TlsClosed(Exception):
 class TlsSession(Protocol):
     """What the I/O layers need from a TLS session."""
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None: ...
+    def feed(self, data: bytes | bytearray | memoryview) -> object: ...
 
     def handshake(self) -> bool: ...
+
+    #: the peer's close_notify arrived after the bytes the last read_into returned
+    eof: bool
 
     def read_into(self, buf: memoryview) -> int: ...
 
@@ -45,7 +48,17 @@ class TlsSession(Protocol):
 
 
 class SslSession:
-    """:class:`ssl.SSLObject` on two :class:`ssl.MemoryBIO`."""
+    """:class:`ssl.SSLObject` on two :class:`ssl.MemoryBIO`.
+
+    The per-record and per-chunk calls go straight to C (``MemoryBIO.write`` and
+    ``.read``, the ``_ssl`` object under :class:`ssl.SSLObject`): no Python frame of
+    ours or of :mod:`ssl` in between."""
+
+    eof = False
+    #: ciphertext in (``MemoryBIO.write``)
+    feed: Callable[[bytes | bytearray | memoryview], object]
+    #: ciphertext out, all there is (``MemoryBIO.read``)
+    take: Callable[[], bytes]
 
     def __init__(self, ctx: ssl.SSLContext, server_side: bool,
                  hostname: str | None = None,
@@ -55,9 +68,11 @@ class SslSession:
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
                                  server_hostname=hostname)
         self._identity = identity
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._in.write(data)
+        self.feed = self._in.write
+        self.take = self._out.read
+        c: Any = getattr(self._obj, "_sslobj", self._obj)  # the C object, when there
+        self._read: Callable[[int, memoryview], int] = c.read
+        self._write: Callable[[bytes | bytearray | memoryview], int] = c.write
 
     def handshake(self) -> bool:
         try:
@@ -69,23 +84,35 @@ class SslSession:
         return True
 
     def read_into(self, buf: memoryview) -> int:
+        """Decrypt into ``buf`` from as many records as there are (a record holds at
+        most 16 KiB): fewer than ``len(buf)`` bytes means nothing more is buffered."""
+        if self.eof:
+            raise TlsClosed()
+        read, size, got = self._read, len(buf), 0
         try:
-            return int(self._obj.read(len(buf), buf))
+            while got < size:
+                n = read(size - got, buf[got:] if got else buf)
+                if n <= 0:  # close_notify (ssl answers 0 or SSLZeroReturnError)
+                    break
+                got += n
+            else:
+                return got
         except ssl.SSLWantReadError:
-            return 0
+            return got
         except ssl.SSLZeroReturnError:
-            raise TlsClosed() from None
+            pass
         except ssl.SSLError as e:
             raise TlsError(_ssl_reason(e)) from None
+        self.eof = True
+        if not got:
+            raise TlsClosed()
+        return got
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            self._obj.write(data)
+            self._write(data)
         except ssl.SSLError as e:
             raise TlsError(_ssl_reason(e)) from None
-
-    def take(self) -> bytes:
-        return self._out.read()
 
     def pending(self) -> int:
         return self._out.pending
@@ -113,6 +140,8 @@ def _ssl_reason(e: ssl.SSLError) -> str:
 class OpenSslSession:
     """pyOpenSSL's ``Connection`` on memory BIOs (``Connection(ctx, None)``)."""
 
+    eof = False
+
     def __init__(self, conn: Any, identity: Callable[[], str | None]) -> None:
         from OpenSSL import SSL
 
@@ -134,15 +163,29 @@ class OpenSslSession:
         return True
 
     def read_into(self, buf: memoryview) -> int:
-        SSL = self._SSL
+        """As :meth:`SslSession.read_into`."""
+        if self.eof:
+            raise TlsClosed()
+        SSL, recv_into = self._SSL, self._conn.recv_into
+        size, got = len(buf), 0
         try:
-            return int(self._conn.recv_into(buf, len(buf)))
+            while got < size:
+                n = recv_into(buf[got:] if got else buf, size - got)
+                if n <= 0:
+                    break
+                got += n
+            else:
+                return got
         except SSL.WantReadError:
-            return 0
+            return got
         except SSL.ZeroReturnError:
-            raise TlsClosed() from None
+            pass
         except SSL.Error as e:
             raise TlsError(_openssl_reason(e)) from None
+        self.eof = True
+        if not got:
+            raise TlsClosed()
+        return got
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         SSL = self._SSL
