@@ -13,7 +13,9 @@ markers (operation started / done, flush done) to the same log.
 
 :func:`crash_points` walks the log: before each sync, every tracked file holds what it
 held at its last sync (``durable``) plus ANY subset of the changes made since
-(``pending``), each of them possibly torn at 512-byte sectors.  :func:`build` makes
+(``pending``), each of them possibly torn at 512-byte sectors; a rename or removal
+is durable once its folder is synced (the recorder logs that sync too), before that
+any prefix of them may be (one crash point per prefix).  :func:`build` makes
 one such state; :func:`replay_all` rebuilds the final content (which must equal the
 real file: nothing changed it behind the recorder's back).
 
@@ -42,7 +44,8 @@ HOSTFILE = os.path.join("nbdqcow", "block", "hostfile.py")
 @dataclass
 class Event:
     """One logged change (or marker).  ``kind``: write, trunc, falloc, sync, rename
-    (``data``: the new path), unlink, mark."""
+    (``data``: the new path), unlink, dirsync (``path``: a folder of tracked files was
+    synced: its renames and removals are durable), mark."""
 
     kind: str
     path: str = ""
@@ -86,6 +89,16 @@ class Recorder:
         except OSError:
             return None
         return p if p in self.paths else None
+
+    def _folder_of(self, fd: int) -> str | None:
+        """The folder ``fd`` is open on when tracked files live in it."""
+        try:
+            p = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return None
+        if any(os.path.dirname(t) == p for t in self.paths) and os.path.isdir(p):
+            return p
+        return None
 
     def _caller_ok(self, path: str, what: str) -> None:
         frame = sys._getframe(2)
@@ -171,10 +184,14 @@ class Recorder:
         def sync(orig: Any) -> Any:
             def f(fd: int) -> Any:
                 path = rec._path_of(fd)
+                folder = None if path is not None else rec._folder_of(fd)
                 r = orig(fd)
                 if path is not None:
                     rec._caller_ok(path, "sync")
                     rec.events.append(Event("sync", path))
+                elif folder is not None:
+                    rec._caller_ok(folder, "sync")
+                    rec.events.append(Event("dirsync", folder))
                 return r
             return f
 
@@ -269,8 +286,16 @@ def _read(path: str) -> bytes | None:
 Selection = list[tuple[Event, "set[int] | None"]]  # event, pieces applied (None: all)
 
 
-def apply(files: dict[str, bytearray], ev: Event, pieces: set[int] | None = None) -> None:
-    """Apply one change to ``files`` (``pieces``: only those sector pieces of it)."""
+def apply(files: dict[Any, bytearray], ev: Event, pieces: set[int] | None = None,
+          ino: int | None = None) -> None:
+    """Apply one change to ``files`` (``pieces``: only those sector pieces of it;
+    ``ino``: ``files`` is keyed by inode, this one is the event's file)."""
+    if ino is not None:
+        if ev.kind in ("rename", "unlink", "dirsync"):
+            raise ValueError("namespace changes have no inode")
+        key: Any = ino
+    else:
+        key = ev.path
     if ev.kind == "rename":
         if ev.path in files:
             files[ev.data.decode()] = files.pop(ev.path)
@@ -278,7 +303,7 @@ def apply(files: dict[str, bytearray], ev: Event, pieces: set[int] | None = None
     if ev.kind == "unlink":
         files.pop(ev.path, None)
         return
-    buf = files.setdefault(ev.path, bytearray())
+    buf = files.setdefault(key, bytearray())
     if ev.kind == "write":
         if pieces is None:
             _put(buf, ev.off, ev.data)
@@ -313,40 +338,92 @@ def _put(buf: bytearray, off: int, data: bytes) -> None:
 def replay_all(base: dict[str, bytes | None], events: list[Event]) -> dict[str, bytearray]:
     files = {p: bytearray(b) for p, b in base.items() if b is not None}
     for ev in events:
-        if ev.kind not in ("sync", "mark"):
+        if ev.kind not in ("sync", "dirsync", "mark"):
             apply(files, ev)
     return files
 
 
 @dataclass
 class CrashPoint:
-    """The moment just before log entry ``index`` (a sync, or the end of the log)."""
+    """The moment just before log entry ``index`` (a sync, or the end of the log), with
+    ``dir_changes`` of the ``dir_pending`` renames / removals not yet made durable by a
+    directory sync applied."""
 
     index: int
     durable: dict[str, bytes]
     pending: list[Event]
+    dir_changes: int = 0
+    dir_pending: int = 0
 
 
 def crash_points(base: dict[str, bytes | None], events: list[Event]) -> Iterator[CrashPoint]:
-    durable = {p: bytearray(b) for p, b in base.items() if b is not None}
-    pending: dict[str, list[Event]] = {}
-    order: list[Event] = []  # pending changes of every file, in issue order
+    """Crash points of the log.  File contents live in inodes: a name's content moves
+    with a rename.  A rename or removal is durable once its folder is synced
+    (``dirsync``); before that, any prefix of the pending ones may have reached the disk
+    (a journalling file system commits them in order), so a crash point is yielded per
+    prefix.  Creating a file is taken as durable at once (it comes before anything done
+    to the file, so a durable rename of it implies it anyway)."""
+    names: dict[str, int] = {}  # the names as the program sees them -> inode
+    durable_names: dict[str, int] = {}
+    content: dict[int, bytearray] = {}  # inode -> durable content
+    order: list[tuple[int, Event]] = []  # pending content changes, in issue order
+    dir_pending: list[Event] = []
 
-    def point(i: int) -> CrashPoint:
-        return CrashPoint(i, {p: bytes(b) for p, b in durable.items()}, list(order))
+    def inode(path: str) -> int:
+        if path not in names:
+            ino = len(content)
+            content[ino] = bytearray()
+            names[path] = ino
+            durable_names.setdefault(path, ino)
+        return names[path]
+
+    for p, b in base.items():
+        if b is not None:
+            inode(p)
+            content[names[p]][:] = b
+
+    def points(i: int) -> Iterator[CrashPoint]:
+        for k in range(len(dir_pending) + 1):
+            ns = dict(durable_names)
+            for ev in dir_pending[:k]:
+                ino = ns.pop(ev.path, None)
+                if ev.kind == "rename" and ino is not None:
+                    ns[ev.data.decode()] = ino
+            name_of = {ino: name for name, ino in ns.items()}
+            yield CrashPoint(
+                i, {name: bytes(content[ino]) for name, ino in ns.items()},
+                [_renamed(ev, name_of[ino]) for ino, ev in order if ino in name_of],
+                k, len(dir_pending))
 
     for i, ev in enumerate(events):
         if ev.kind == "sync":
-            yield point(i)
-            for e in pending.pop(ev.path, []):
-                apply(durable, e)
-            order = [e for e in order if e.path != ev.path]
-        elif ev.kind in ("rename", "unlink"):
-            raise ValueError("crash states across renames and removals are not modelled")
+            yield from points(i)
+            ino = inode(ev.path)
+            for j, e in order:
+                if j == ino:
+                    apply(content, e, ino=ino)
+            order = [(j, e) for j, e in order if j != ino]
+        elif ev.kind == "dirsync":
+            yield from points(i)
+            for e in dir_pending:
+                ino = durable_names.pop(e.path, None)
+                if e.kind == "rename" and ino is not None:
+                    durable_names[e.data.decode()] = ino
+            dir_pending.clear()
+        elif ev.kind == "rename":
+            names[ev.data.decode()] = names.pop(ev.path)
+            dir_pending.append(ev)
+        elif ev.kind == "unlink":
+            names.pop(ev.path, None)
+            dir_pending.append(ev)
         elif ev.kind != "mark":
-            pending.setdefault(ev.path, []).append(ev)
-            order.append(ev)
-    yield point(len(events))
+            order.append((inode(ev.path), ev))
+    yield from points(len(events))
+
+
+def _renamed(ev: Event, path: str) -> Event:
+    return ev if ev.path == path else Event(ev.kind, path, ev.off, ev.data, ev.length,
+                                            ev.mode, ev.mark)
 
 
 def build(cp: CrashPoint, sel: Selection) -> dict[str, bytearray]:
