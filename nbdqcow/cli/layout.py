@@ -43,12 +43,12 @@ from nbdqcow.qcow2.layout_view import (
     KIND_LABEL,
     GuestRun,
     Kind,
-    MappingSummary,
     guest_runs,
     host_kinds,
     host_runs,
     summarize,
 )
+from nbdqcow.qcow2.mapping_summary import MappingSummary
 
 COLORS = {
     Kind.FREE: "#ffffff", Kind.METADATA: "#7b3fbf", Kind.DATA: "#2f7fd8",

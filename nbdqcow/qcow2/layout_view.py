@@ -12,7 +12,6 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -22,6 +21,7 @@ from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.driver import Qcow2Driver
 from nbdqcow.qcow2.entries import SC
+from nbdqcow.qcow2.mapping_summary import MappingSummary
 from nbdqcow.qcow2.snapshot import encode_table, read_snapshot_table
 from nbdqcow.qcow2.tables import load_u64
 
@@ -58,33 +58,6 @@ class GuestRun(NamedTuple):
     length: int
     kind: Kind
     host: int | None  # host byte offset of ``start`` for mapped kinds
-
-
-@dataclass(frozen=True)
-class MappingSummary:
-    """How guest clusters sit in the host file."""
-
-    cluster_size: int
-    mapped_clusters: int
-    runs: int  # maximal runs that are contiguous in guest and host
-    offset: int | None  # host - guest of most mapped bytes (None: nothing mapped)
-    out_of_place: int  # mapped clusters whose host - guest differs from ``offset``
-    external_data_file: bool = False
-
-    @property
-    def constant(self) -> bool:
-        return self.offset is not None and self.out_of_place == 0
-
-    @property
-    def verdict(self) -> str:
-        if self.offset is None:
-            return "no guest cluster is mapped"
-        where = "data file offset" if self.external_data_file else "host"
-        if self.constant:
-            sign = "+" if self.offset >= 0 else "-"
-            return f"constant: {where} = guest {sign} {abs(self.offset):#x}"
-        return (f"{self.runs} runs, {self.out_of_place} of {self.mapped_clusters} "
-                f"clusters out of place")
 
 
 def guest_runs(d: Qcow2Driver,

@@ -24,7 +24,7 @@ from nbdqcow.qcow2.scan import allocated_mask, words_of
 U64 = npt.NDArray[np.uint64]
 
 if TYPE_CHECKING:
-    from nbdqcow.qcow2.layout_view import MappingSummary
+    from nbdqcow.qcow2.mapping_summary import MappingSummary
 
 _COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)
 _COPIED = np.uint64(L.QCOW_OFLAG_COPIED)
@@ -52,57 +52,6 @@ def nonzero_entries(words: array[int], geo: Geometry) -> list[int]:
     nothing and is never wrong)."""
     _, _, idx = entries(words, geo)
     return (idx * geo.l2_entry_words).tolist()  # type: ignore[no-any-return]
-
-
-def plain_entries(words: array[int] | U64, geo: Geometry, has_data_file: bool
-                  ) -> tuple[npt.NDArray[np.intp], U64] | None:
-    """The allocated entries of an L2 table (their indices and values, in table order),
-    when the table holds nothing the check has to report or handle one by one
-    (compressed entries, reserved bits, bad subcluster bitmaps, unaligned offsets);
-    else None."""
-    e, bm, idx = entries(words, geo)
-    if not len(idx):
-        return idx, np.zeros(0, dtype=np.uint64)
-    e = e[idx]
-    if (e & (_COMP | _RESERVED)).any():
-        return None
-    alloc = allocated_mask(e, has_data_file)
-    if bm is not None:
-        b = bm[idx]
-        abits = b & _LOW32
-        if ((abits & (b >> np.uint64(32))) != 0).any() or ((abits != 0) & ~alloc).any():
-            return None
-    e = e[alloc]
-    if (e & _OFF & np.uint64(geo.cluster_size - 1)).any():
-        return None
-    return idx[alloc], e
-
-
-def host_offsets(e: U64) -> U64:
-    return e & _OFF
-
-
-def fragmented(hosts: U64, cs: int) -> int:
-    """Allocated clusters not right after the previous one (qemu-img's figure)."""
-    return int(np.count_nonzero(hosts[1:] != hosts[:-1] + np.uint64(cs)))
-
-
-def count_clusters(ref: array[int], hosts: U64, cluster_bits: int, file_size: int,
-                   refcount_max: int) -> bool:
-    """Add one reference to the cluster of each host offset, if all lie inside the file,
-    none repeats and none overflows; else change nothing and return False."""
-    if not len(hosts):
-        return True
-    if int(hosts.max()) >= file_size:
-        return False
-    clusters = (hosts >> np.uint64(cluster_bits)).astype(np.intp)
-    if len(clusters) > 1 and len(np.unique(clusters)) != len(clusters):
-        return False
-    view = np.frombuffer(ref, dtype=np.dtype(ref.typecode))
-    if int(view[clusters].max()) >= refcount_max:
-        return False
-    view[clusters] += 1
-    return True
 
 
 def as_array(counts: array[int]) -> npt.NDArray[np.uint64]:
@@ -175,25 +124,32 @@ class GuestMap:
     cluster_size: int
     l2_size: int
     guest_size: int
-    tables: list[tuple[int, npt.NDArray[np.intp], U64]] = field(default_factory=list)
+    guest: list[npt.NDArray[np.int64]] = field(default_factory=list)  # guest clusters
+    host: list[U64] = field(default_factory=list)  # their host offsets
+
+    def add(self, l1_index: npt.NDArray[np.intp], index: npt.NDArray[np.intp],
+            host: U64) -> None:
+        """Entries ``index`` of the L2 tables of L1 entries ``l1_index``, at ``host``."""
+        self.guest.append(l1_index.astype(np.int64) * self.l2_size + index)
+        self.host.append(host)
 
     def summary(self) -> MappingSummary:
         """What :func:`nbdqcow.qcow2.layout_view.mapping_summary` says of the image."""
-        from nbdqcow.qcow2.layout_view import MappingSummary
+        from nbdqcow.qcow2.mapping_summary import MappingSummary
 
         cs = self.cluster_size
-        if self.tables:
-            guest = np.concatenate([(np.int64(l1i) * self.l2_size + idx.astype(np.int64)) * cs
-                                    for l1i, idx, _ in self.tables])
-            host = np.concatenate([h.astype(np.int64) for _, _, h in self.tables])
+        if self.guest:
+            guest = np.concatenate(self.guest) * cs
+            host = np.concatenate(self.host).astype(np.int64)
         else:
             guest = host = np.zeros(0, dtype=np.int64)
         keep = guest < self.guest_size
         guest, host = guest[keep], host[keep]
         if not len(guest):
             return MappingSummary(cs, 0, 0, None, 0)
-        order = np.argsort(guest, kind="stable")
-        guest, host = guest[order], host[order]
+        if len(guest) > 1 and not (guest[1:] > guest[:-1]).all():
+            order = np.argsort(guest, kind="stable")
+            guest, host = guest[order], host[order]
         nbytes = np.minimum(cs, self.guest_size - guest)
         delta = host - guest
         cont = (np.diff(guest) == cs) & (np.diff(host) == cs)
@@ -201,7 +157,8 @@ class GuestMap:
         deltas, inv = np.unique(delta, return_inverse=True)
         by_bytes = np.bincount(inv, weights=nbytes)
         clusters = np.bincount(inv)
-        best = max(range(len(deltas)), key=lambda i: (by_bytes[i], -int(deltas[i])))
+        # most bytes; of equals the lowest offset (deltas ascend: argmax takes the first)
+        best = int(np.argmax(by_bytes))
         mapped = len(guest)
         return MappingSummary(cs, mapped, runs, int(deltas[best]),
                               mapped - int(clusters[best]))

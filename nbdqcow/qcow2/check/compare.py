@@ -36,7 +36,7 @@ def compare(
     nb = max(len(ref), walk.geo.size_to_clusters(walk.file_size))
     highest = 0
     rebuild = False
-    have_all = bulk.stored_counts(stored, nb)
+    have_all = stored.counts(nb)
     todo: Iterable[int] = range(nb)
     if have_all is not None:
         todo, highest = bulk.differences(bulk.as_array(ref), have_all, nb)
@@ -93,18 +93,19 @@ def _fix_copied(
 
 def check_copied(
     file: HostFile, header: Header, geo: Geometry, stored: Stored, fix: int, res: CheckResult,
-    kept: dict[int, bulk.U64] | None = None,
+    clean: set[int] | None = None,
 ) -> None:
     """COPIED must be set exactly when the stored refcount is 1 (active L1 and L2).
 
     Repaired with ``FIX_ERRORS``; with ``FIX_LEAKS`` alone only when nothing else is
     wrong any more (the stored refcounts are then known to be right), as qemu-img does.
-    ``kept``: allocated entries of L2 tables (by offset) as the walk read them.
+    ``clean``: offsets of L2 tables whose COPIED flags are known to agree with the
+    stored refcounts (the walk's finding, valid while those are unchanged).
     """
     repair = bool(fix & FIX_ERRORS) or (
         bool(fix & FIX_LEAKS) and not (res.check_errors or res.corruptions or res.leaks))
     l1 = load_u64(read_at(file, header.l1_size * 8, header.l1_table_offset))
-    stored_all = bulk.stored_counts(stored, geo.size_to_clusters(file.size()))
+    stored_all = stored.counts(geo.size_to_clusters(file.size()))
     l1_dirty = False
     cs = geo.cluster_size
     data_file = header.has_data_file
@@ -117,9 +118,8 @@ def check_copied(
             l1, i, rc, repair, res, f"L2 cluster: l1_index={i} l1_entry={e:x}"
         ):
             l1_dirty = True
-        if stored_all is not None and kept is not None and l2off in kept:
-            if bulk.copied_mismatch(kept[l2off], geo, stored_all, data_file) is False:
-                continue  # every COPIED flag agrees
+        if clean is not None and l2off in clean:
+            continue  # every COPIED flag agrees
         raw = read_at(file, cs, l2off)
         if stored_all is not None and bulk.copied_mismatch(bulk.allocated_entries(
                 bulk.load_words(raw), geo, data_file), geo, stored_all, data_file) is False:

@@ -32,8 +32,8 @@ _REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 def _one_pass(file: HostFile, header: Header, fix: int, res: CheckResult) -> Header:
     """Check (and with ``fix``, repair) once; returns the (possibly new) header."""
     geo = Geometry(header.cluster_bits, header.refcount_order, header.extended_l2)
-    stored = Stored(file, header, geo)
-    walk = Walk(file, header, res, fix)
+    stored = walk_stored = Stored(file, header, geo)
+    walk = Walk(file, header, res, fix, stored.counts(geo.size_to_clusters(file.size())))
     walk.count_all(stored.table)
     highest, zero_seen = compare(walk, stored, 0, _scratch := CheckResult(res.filename))
     for c in walk.outside:
@@ -67,7 +67,8 @@ def _one_pass(file: HostFile, header: Header, fix: int, res: CheckResult) -> Hea
         res.leaks += _scratch.leaks
         res.corruptions += _scratch.corruptions
         res.check_errors += _scratch.check_errors
-    check_copied(file, header, geo, stored, fix, res, walk.kept)
+    clean = walk.copied_clean if stored is walk_stored and not stored.changed else None
+    check_copied(file, header, geo, stored, fix, res, clean)
     if not fix:
         res.guest_map = walk.guest_map
     res.image_end_offset = (highest + 1) * geo.cluster_size

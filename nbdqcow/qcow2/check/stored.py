@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import struct
 from array import array
+from typing import TYPE_CHECKING
 
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.geometry import Geometry
 from nbdqcow.qcow2.header import Header, parse_header
 from nbdqcow.qcow2.tables import load_refblock, load_u64, store_refblock
+
+if TYPE_CHECKING:
+    from nbdqcow.qcow2.check.bulk import U64
 
 MAX_TABLE_READ = 64 * 1024 * 1024
 
@@ -48,6 +52,8 @@ class Stored:
                                       header.refcount_table_offset))
         self.blocks: dict[int, array[int] | None] = {}
         self.dirty: set[int] = set()
+        self.changed = False  # set() was called: stored refcounts differ from the file's
+        self._counts: tuple[int, U64 | None] | None = None
         self.bits = geo.refcount_block_bits
         self.mask = geo.refcount_block_entries - 1
 
@@ -81,7 +87,17 @@ class Stored:
             return False
         blk[cluster & self.mask] = value
         self.dirty.add(rti)
+        self.changed = True
+        self._counts = None
         return True
+
+    def counts(self, n: int) -> U64 | None:
+        """The refcounts of clusters [0, n) as one array (see bulk.stored_counts)."""
+        from nbdqcow.qcow2.check.bulk import stored_counts
+
+        if self._counts is None or self._counts[0] != n:
+            self._counts = (n, stored_counts(self, n))
+        return self._counts[1]
 
     def write_back(self) -> None:
         for rti in sorted(self.dirty):
@@ -93,10 +109,8 @@ class Stored:
 
 
 def highest_used(stored: Stored, geo: Geometry, file_size: int) -> int:
-    from nbdqcow.qcow2.check.bulk import stored_counts
-
     n = geo.size_to_clusters(file_size)
-    counts = stored_counts(stored, n)
+    counts = stored.counts(n)
     if counts is not None:
         used = counts.nonzero()[0]
         return int(used[-1]) if len(used) else 0

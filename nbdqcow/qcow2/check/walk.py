@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import struct
 from array import array
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.errors import ImageOpenError
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.bitmaps import BITMAP_ENTRY, BITMAP_EXT, BME_TABLE_OFFSET_MASK
-from nbdqcow.qcow2.check import bulk
+from nbdqcow.qcow2.check import bulk, sweep
 from nbdqcow.qcow2.check.result import FIX_ERRORS, CheckFailed, CheckResult
 from nbdqcow.qcow2.check.stored import read_at
 from nbdqcow.qcow2.entries import SC, std_type
@@ -26,8 +30,9 @@ from nbdqcow.qcow2.geometry import Geometry
 from nbdqcow.qcow2.header import Header
 from nbdqcow.qcow2.tables import load_u64, store_u64
 
-MAX_CLUSTERS = 1 << 31
-KEEP_ENTRIES = 4 << 20  # L2 entries kept from the walk for the COPIED check (32 MiB)  # qemu-img check gives up beyond INT_MAX clusters as well
+MAX_CLUSTERS = 1 << 31  # qemu-img check gives up beyond INT_MAX clusters as well
+KEEP_ENTRIES = 4 << 20  # active entries kept from the walk for the mapping line
+GROUP_BYTES = 32 << 20  # L2 tables classified together (bounds the walk's memory)
 _COUNT_CODES = {8: "B", 16: "H", 32: "L" if array("I").itemsize != 4 else "I", 64: "Q"}
 
 # snapshot table entry, fixed part: l1_table_offset, l1_size, id_str_size, name_size,
@@ -41,10 +46,31 @@ def count_array(refcount_bits: int, n: int) -> array[int]:
     return array(code, bytes(array(code).itemsize * n))
 
 
-class Walk:
-    """One pass over an image: counted refcounts, figures and error messages."""
+@dataclass
+class _Pending:
+    """Regular L2 tables of one sweep not yet counted: ``items`` are (table offset, L1
+    index, position in the sweep), in the walk's order."""
 
-    def __init__(self, file: HostFile, header: Header, res: CheckResult, fix: int = 0) -> None:
+    sweep: sweep.Sweep
+    active: bool
+    l1_index: npt.NDArray[np.intp]  # per position
+    items: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class Walk:
+    """One pass over an image: counted refcounts, figures and error messages.
+
+    ``SWEEP`` False walks every L2 table entry by entry (the definition the sweep is
+    tested against).
+
+    ``stored``: the stored refcount of every cluster (when readable), to tell which
+    active L2 tables' COPIED flags all agree with them (``copied_clean``).
+    """
+
+    SWEEP = True
+
+    def __init__(self, file: HostFile, header: Header, res: CheckResult, fix: int = 0,
+                 stored: bulk.U64 | None = None) -> None:
         self.file = file
         self.fix = fix
         self.h = header
@@ -59,8 +85,10 @@ class Walk:
         self.rebuild = False
         self.outside: list[int] = []  # refcount blocks past the end of the file
         self.refblock_errors = 0
-        # the allocated entries of active L2 tables counted in bulk, for the COPIED check
-        self.kept: dict[int, bulk.U64] = {}
+        self.stored_counts = stored
+        # active L2 tables (offsets) whose COPIED flags agree with the stored refcounts
+        self.copied_clean: set[int] = set()
+        self._pending: _Pending | None = None
         self.kept_entries = 0
         # where the active clusters lie (standard L2, no data file), for the mapping line
         self.guest_map: bulk.GuestMap | None = None
@@ -68,12 +96,16 @@ class Walk:
             self.guest_map = bulk.GuestMap(self.cs, self.geo.l2_size, header.size)
 
     def msg(self, text: str) -> None:
+        if self._pending is not None and self._pending.items:
+            self._flush()
         self.res.messages.append(text)
 
     # --- the in-memory refcount table ------------------------------------------------
     def inc(self, offset: int, size: int) -> None:
         if size <= 0:
             return
+        if self._pending is not None and self._pending.items:
+            self._flush()
         if offset + size - self.file_size >= self.cs:
             self.msg("ERROR: counting reference for region exceeding the end of the file by "
                      f"one cluster or more: offset {offset:#x} size {size:#x}")
@@ -95,6 +127,15 @@ class Walk:
     def l1(self, offset: int, l1_size: int, active: bool) -> None:
         self.inc(offset, l1_size * 8)
         table = load_u64(read_at(self.file, l1_size * 8, offset)) if l1_size else array("Q")
+        cs = self.cs
+        # the L2 tables this L1 reaches are read and classified a group at a time
+        # (sweep.py); the regular ones are counted in bulk (see _flush), the others
+        # entry by entry (l2), in the order of the L1 table either way
+        todo = [i for i, e in enumerate(table)
+                if e and not e & L.L1E_OFFSET_MASK & (cs - 1)] if self.SWEEP else []
+        group = max(1, GROUP_BYTES // cs)
+        swept = 0
+        where: dict[int, int] = {}
         for l1i, e in enumerate(table):
             if e & L.L1E_RESERVED_MASK:
                 if active:
@@ -105,8 +146,16 @@ class Walk:
                 continue
             # like qemu-img, an entry with flags but no offset points at cluster 0
             l2 = e & L.L1E_OFFSET_MASK
-            self.inc(l2, self.cs)
-            if l2 & (self.cs - 1):
+            if swept < len(todo) and todo[swept] == l1i:
+                where = self._sweep(table, todo[swept:swept + group], active)
+                swept += group
+            k = where.get(l1i)
+            p = self._pending
+            if k is not None and p is not None and l2 < self.file_size and p.sweep.regular[k]:
+                p.items.append((l2, l1i, k))
+                continue
+            self.inc(l2, cs)
+            if l2 & (cs - 1):
                 self.msg(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; "
                          "L1 entry corrupted")
                 self.res.corruptions += 1
@@ -114,29 +163,76 @@ class Walk:
                     self.guest_map = None
                 continue
             self.l2(l2, active, l1i)
+        self._flush()
+
+    def _sweep(self, table: array[int], part: list[int], active: bool) -> dict[int, int]:
+        """Read and classify the L2 tables of L1 entries ``part``; returns the position
+        of each entry in the sweep."""
+        self._flush()
+        sw = sweep.sweep(self.file, [table[i] & L.L1E_OFFSET_MASK for i in part], self.geo,
+                         self.h.has_data_file, self.stored_counts if active else None)
+        self._pending = _Pending(sw, active, np.array(part, dtype=np.intp))
+        return {i: k for k, i in enumerate(part)}
+
+    def _flush(self) -> None:
+        """Count the regular tables put aside since the last flush (and each one's own
+        cluster): in one operation when no refcount overflows, else one entry at a time
+        in their order, as if they had never been put aside."""
+        p = self._pending
+        if p is None or not p.items:
+            return
+        items, p.items = p.items, []
+        sw, cb = p.sweep, self.geo.cluster_bits
+        lo, hi = items[0][2], items[-1][2]
+        span = sw.entries_of(lo, hi)
+        own = np.array([l2 >> cb for l2, _, _ in items], dtype=np.intp)
+        if self.h.has_data_file:
+            clusters = own
+        else:
+            clusters = np.concatenate((own, (sw.host[span] >> np.uint64(cb)).astype(np.intp)))
+        if not self._add_counts(clusters):
+            for l2, l1i, _ in items:
+                self.inc(l2, self.cs)
+                self.l2(l2, p.active, l1i)
+            return
+        if not p.active:
+            return
+        self.res.allocated_clusters += int(sw.allocated[lo:hi + 1].sum())
+        self.res.fragmented_clusters += int(sw.fragmented[lo:hi + 1].sum())
+        self.copied_clean.update(l2 for l2, _, k in items if sw.copied_ok[k])
+        gm = self.guest_map
+        if gm is not None:
+            n = span.stop - span.start
+            if self.kept_entries + n > KEEP_ENTRIES:
+                self.guest_map = None
+            else:
+                self.kept_entries += n
+                gm.add(p.l1_index[sw.pos[span]], sw.index[span], sw.host[span])
+
+    def _add_counts(self, clusters: npt.NDArray[np.intp]) -> bool:
+        """One reference more to each of ``clusters`` (repeats count again), unless a
+        refcount would overflow: then nothing is changed and False returned."""
+        if not len(clusters):
+            return True
+        view = np.frombuffer(self.ref, dtype=np.dtype(self.ref.typecode))
+        if len(clusters) * 4 >= len(view):
+            counts = np.bincount(clusters, minlength=len(view))
+            which = np.flatnonzero(counts)
+            counts = counts[which]
+        else:
+            which, counts = np.unique(clusters, return_counts=True)
+        new = view[which].astype(np.uint64) + counts.astype(np.uint64)
+        if self.geo.refcount_bits < 64 and int(new.max()) > self.geo.refcount_max:
+            return False
+        view[which] = new
+        return True
 
     def l2(self, offset: int, active: bool, l1i: int = 0) -> None:
+        """Count (and report) one L2 table entry by entry."""
         geo, res = self.geo, self.res
         ext = geo.extended_l2
         raw = read_at(self.file, self.cs, offset)
         data_file = self.h.has_data_file
-        found = bulk.plain_entries(bulk.load_words(raw), geo, data_file)
-        if found is not None:
-            idx, plain = found
-            hosts = bulk.host_offsets(plain)
-            if data_file or bulk.count_clusters(
-                    self.ref, hosts, geo.cluster_bits, self.file_size, geo.refcount_max):
-                if active:
-                    if self.kept_entries + len(plain) <= KEEP_ENTRIES:
-                        self.kept[offset] = plain
-                        self.kept_entries += len(plain)
-                        if self.guest_map is not None:
-                            self.guest_map.tables.append((l1i, idx, hosts))
-                    else:
-                        self.guest_map = None
-                    res.allocated_clusters += len(hosts)
-                    res.fragmented_clusters += bulk.fragmented(hosts, self.cs)
-                return
         if active:
             self.guest_map = None
         words = load_u64(raw)
@@ -330,3 +426,4 @@ class Walk:
         self.crypto_header()
         if with_refcount_structure is not None:
             self.refcount_structure(with_refcount_structure)
+        self._flush()
