@@ -17,7 +17,10 @@ Workloads (each against its qemu counterpart):
   allocated 1 GiB image, the page cache dropped (``echo 3 > /proc/sys/vm/drop_caches``)
   before every run (needs root);
 * ``relayout``: ``nbdqcow relayout`` / ``qemu-img convert -O qcow2 -o
-  preallocation=falloc`` of a fragmented image (random 64 KiB writes in random order).
+  preallocation=falloc`` of a fragmented image (random 64 KiB writes in random order);
+  ``relayout flushed``: the same against ``qemu-img convert -t writeback`` (qemu-img's
+  default cache mode, ``unsafe``, never syncs the new image; relayout syncs it before
+  the rename, as ``-t writeback`` syncs once at the end).
 
 Times are wall-clock seconds (lower is better); the ratio is nbdqcow / qemu, per
 repetition, median (below 1.00x nbdqcow is faster).  For fio workloads the figure is
@@ -222,7 +225,7 @@ def write_section(path: Path, section: str) -> None:
 
 
 WORKLOADS = ("map nbd", "map offline", "check", "start-up", "cold 4k randread QD16",
-             "cold 1M seq read QD4", "relayout")
+             "cold 1M seq read QD4", "relayout", "relayout flushed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if "cold 1M seq read QD4" in todo:
             rows.append(interleave("cold 1M seq read QD4", lambda w: fio(
                 w, cold, work, "read", "1M", 4, None), a.repeat, True))
-        if "relayout" in todo:
+        if any(w.startswith("relayout") for w in todo):
             frag = work / "frag.qcow2"
             if not frag.exists():
                 print("bench: writing the fragmented image ...", flush=True)
@@ -289,8 +292,18 @@ def main(argv: list[str] | None = None) -> int:
                     return timed(nbdqcow("relayout", "-q", "-O", str(out), str(frag)))
                 return timed(["qemu-img", "convert", "-O", "qcow2", "-o",
                               "preallocation=falloc", str(frag), str(out)])
-            rows.append(interleave(f"relayout ({a.relayout_size} fragmented)", relayout,
-                                   a.repeat, False))
+
+            def flushed() -> float:  # -t writeback: qemu-img syncs once at the end, as we do
+                out.unlink(missing_ok=True)
+                return timed(["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", "-o",
+                              "preallocation=falloc", str(frag), str(out)])
+
+            if "relayout" in todo:
+                rows.append(interleave(f"relayout ({a.relayout_size} fragmented)", relayout,
+                                       a.repeat, False))
+            if "relayout flushed" in todo:
+                rows.append(interleave(f"relayout flushed ({a.relayout_size})", lambda w: (
+                    relayout(w) if w == "nbdqcow" else flushed()), a.repeat, False))
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

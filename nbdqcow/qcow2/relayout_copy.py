@@ -1,21 +1,26 @@
 """The data copy of relayout: plain data clusters from wherever they lie in the old file
 to guest + one constant in the new one.
 
-The pieces are copied in the order of their offsets in the OLD file, so the old file is
-read front to back (read-ahead works, a cold disk sees one sequential pass, not a seek
-per cluster), each piece by ``copy_file_range`` (the kernel copies page-cache page to
-page-cache page; nothing passes through Python).  The new file is written in scattered
-order, but only into the page cache: the final sync writes it out in file order.
-Pieces that lie in holes of the old file are left out (the new data area reads as
-zeros already).  Two threads split the pieces in two halves of the old file.
+Each piece is copied by ``copy_file_range`` (inside the kernel: nothing passes through
+Python; a file system that can share blocks shares them).  When the old file's data is
+in the page cache, the new file is done in windows of :data:`WINDOW` bytes front to
+back (two threads taking windows in turn, each window's pieces in the old file's order)
+and every finished window is handed to the disk at once, so writing to the disk
+overlaps the copy and the final sync finds little left.  When it is not (a cold
+cache), all pieces go in one pass in the old file's order: the disk reads the old file
+front to back, not a seek per cluster, and the final sync writes the new file out in
+its order.  Pieces in holes of the old file are left out (the new data area reads as
+zeros already).
 """
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from nbdqcow.block.hostfile import HostFile
+from nbdqcow.errors import WouldBlock
 
 #: (offset in the old file, length, offset in the new file)
 Piece = tuple[int, int, int]
@@ -67,7 +72,9 @@ def copy_pieces(src: HostFile, dst: HostFile, pieces: list[Piece],
     data = [(s, n) for s, n, is_data in src.data_runs(0, src.size()) if is_data]
     todo = list(clip_to_data(sorted(pieces), data))
     total = sum(n for _, n, _ in todo)
-    windows = _windows(todo, WINDOW if window is None else window)
+    if window is None:
+        window = WINDOW if _mostly_cached(src, todo) else 0
+    windows = _windows(todo, window)
     done = [0]
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -105,6 +112,27 @@ def copy_pieces(src: HostFile, dst: HostFile, pieces: list[Piece],
     if progress is not None:
         progress(total, total)
     return total
+
+
+def _mostly_cached(src: HostFile, todo: list[Piece], samples: int = 64) -> bool:
+    """Whether (nearly) all of the old file's data to copy is in the page cache: then
+    the new file is done window by window (its writing to the disk overlaps the copy);
+    else one pass in the old file's order (a cold disk reads it front to back, where
+    windows would make it read a little of everything once per window).  Judged from a
+    sample: a 4 KiB read at the start of each of ``samples`` pieces that may not wait
+    for the disk."""
+    if not todo:
+        return True
+    rng = random.Random(len(todo))
+    picks = rng.sample(todo, min(samples, len(todo)))
+    buf = memoryview(bytearray(4096))
+    missing = 0
+    for s, n, _ in picks:
+        try:
+            src.preadinto(buf[:min(n, 4096)], s, nowait=True)
+        except WouldBlock:
+            missing += 1
+    return missing * 10 <= len(picks)
 
 
 def _windows(todo: list[Piece], window: int) -> list[tuple[int, int, list[Piece]]]:
