@@ -9,6 +9,7 @@ import os
 import sys
 
 from nbdqcow.cli.images import add_image_opts, qcow2_file_of
+from nbdqcow.cli.locks import read_access, write_access
 from nbdqcow.qcow2.backing import no_backing
 from nbdqcow.qcow2.create import PREALLOC_MODES
 from nbdqcow.qcow2.driver import Qcow2Driver
@@ -37,8 +38,11 @@ class _Bar:
 def run_relayout(args: argparse.Namespace) -> int:
     pause = float(os.environ.get("NBDQCOW_RELAYOUT_TEST_PAUSE", "0") or 0)
     show = args.progress or (args.progress is None and sys.stderr.isatty())
+    # the specification's own file.locking=off / force-share=on (the latter only for a
+    # relayout into another file: in place it writes the image), as qemu-img honours them
+    access = write_access(args) if args.output is None else read_access(args, hint="")
     result = relayout(qcow2_file_of(args), args.output, _Bar() if show else None,
-                      args.preallocation, _pause=pause)
+                      args.preallocation, _pause=pause, access=access)
     if not args.quiet:
         d = Qcow2Driver.open(result.path, writable=False, backing=no_backing)
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nbdqcow.block.hostfile import HostFile, copy_mode, remove_file, replace_file, sync_path
 from nbdqcow.block.locking import Access, ImageLocked
@@ -219,14 +219,18 @@ def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int
 
 
 def relayout(path: str, output: str | None = None, progress: Progress | None = None,
-             prealloc: str | None = None, _pause: float = 0.0) -> RelayoutResult:
-    """Rewrite ``path`` (or into ``output``) with host = guest + one constant."""
+             prealloc: str | None = None, _pause: float = 0.0,
+             access: Access | None = None) -> RelayoutResult:
+    """Rewrite ``path`` (or into ``output``) with host = guest + one constant.
+    ``access``: how the image's specification says to lock it (``file.locking=off``,
+    ``force-share=on``, which only a relayout into another file may use)."""
     target = output if output is not None else path
     in_place = output is None or os.path.exists(output) and os.path.samefile(output, path)
     # qemu's locks: replacing an image is writing it, so nobody else may use it meanwhile
     # (the source with a writer's locks when it is the target, else a reader's)
     # the backing file's data is never read: only whether there is one
-    src = Qcow2Driver.open(path, writable=False, access=Access(write=in_place),
+    src = Qcow2Driver.open(path, writable=False,
+                           access=replace(access or Access(), write=in_place),
                            backing=no_backing)
     guard: HostFile | None = None
     try:
