@@ -56,6 +56,11 @@ class WouldBlock(NbdqcowError):
     waiting is fine: a worker thread)."""
 
 
+class NowaitUnsupported(WouldBlock):
+    """The file system cannot tell cached data from data on disk (no RWF_NOWAIT, e.g.
+    tmpfs): every read asked not to wait ends here, whatever the cache holds."""
+
+
 class InvalidRequest(NbdqcowError):
     """A request is malformed (bad flags, bad alignment...)."""
 

@@ -10,7 +10,7 @@ import threading
 
 from nbdqcow.block.locking import LockMode, acquire
 from nbdqcow.block.zeros import fill_zero
-from nbdqcow.errors import WouldBlock
+from nbdqcow.errors import NowaitUnsupported, WouldBlock
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 8)
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -97,7 +97,9 @@ class HostFile:
             try:
                 n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
             except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+                if e.errno == errno.EOPNOTSUPP:
+                    raise NowaitUnsupported(str(e)) from None
+                if e.errno in (errno.EAGAIN, errno.EINVAL):
                     raise WouldBlock(str(e)) from None
                 raise
             if n < len(buf):  # partly cached (or the end of the file): wait for the rest

@@ -26,6 +26,7 @@ from nbdqcow.errors import (
     NBD_EOVERFLOW,
     NBD_EPERM,
     NbdqcowError,
+    NowaitUnsupported,
     WouldBlock,
     nbd_errno,
 )
@@ -480,8 +481,10 @@ class Dispatcher:
             return
         try:
             reply = read(req, True)
-        except WouldBlock:
-            self._cold = COLD_SPAN
+        except WouldBlock as e:
+            # a file system that cannot tell cached data (tmpfs): every such read would
+            # go to a thread; back to reading here (timed) after this one
+            self._cold = 0 if isinstance(e, NowaitUnsupported) else COLD_SPAN
             off, n = req.offset, req.length
             self._run(req, off, off + n, False, lambda: read(req, False), False)
             return

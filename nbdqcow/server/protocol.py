@@ -174,7 +174,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         except RemoteProtocolError as e:
             self.abort(str(e))
             return
-        self._handle(reqs)
+        if reqs:  # none: a part of a WRITE payload arrived
+            self._handle(reqs)
 
     def _handle(self, reqs: list[Request]) -> None:
         if len(reqs) > 1:

@@ -51,3 +51,28 @@ def test_cachestat_tells_cached_ranges(tmp_path: Path) -> None:
         assert cached(fd, 0, 4096) is True
     finally:
         os.close(fd)
+
+
+def test_a_file_system_without_rwf_nowait_says_so() -> None:
+    """tmpfs (no RWF_NOWAIT on this kernel) answers NowaitUnsupported, not a miss: the
+    server then reads such files on the event loop instead of in threads."""
+    import tempfile
+
+    from nbdqcow.errors import NowaitUnsupported
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as t:
+        t.write(b"\x07" * 8192)
+        t.flush()
+        f = HostFile(t.name, writable=False)
+        try:
+            buf = bytearray(4096)
+            try:
+                f.preadinto(memoryview(buf), 4096, nowait=True)
+            except NowaitUnsupported:
+                pass  # the file system cannot tell (the data is cached: it was written)
+            else:
+                assert buf == b"\x07" * 4096  # this kernel's tmpfs supports it
+        finally:
+            f.close()
