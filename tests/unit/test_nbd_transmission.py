@@ -263,15 +263,15 @@ def test_fast_zero_without_fast_driver_is_enotsup() -> None:
 
 
 def test_writes_reads_and_fua_flush() -> None:
-    big = bytes(range(256)) * 2048  # 512 KiB: runs in a worker thread
+    big = bytes(range(256)) * 2048  # 512 KiB with FUA: runs in the writer thread
     sent, drv = run_requests([
-        Request(WRITE, 0, 1, 0, len(big), big),
+        Request(WRITE, 1, 1, 0, len(big), big),
         Request(WRITE, 1, 2, 100, 3, b"abc"),  # overlaps the pending big write: waits for it
         Request(READ, 0, 3, 98, 6, None),
     ])
     assert simple_errors(sent) == [0, 0, 0]
     assert sent[2][16:] == big[98:100] + b"abc" + big[103:104]
-    assert drv.data[100:103] == b"abc" and drv.flushes == 1
+    assert drv.data[100:103] == b"abc" and drv.flushes == 2
 
 
 @pytest.mark.parametrize("cold", [False, True])
@@ -305,7 +305,7 @@ def test_large_cached_reads_go_out_with_sendfile(tmp_path: Any, structured: bool
     try:
         sent, _ = run_requests([
             Request(READ, 0, 1, 4096, n, None),  # sent with sendfile
-            Request(WRITE, 0, 2, 3 << 20, n, bytes(n)),  # in a thread: pending...
+            Request(WRITE, 1, 2, 3 << 20, n, bytes(n)),  # FUA, in a thread: pending...
             Request(READ, 0, 3, (3 << 20) + 100, n, None),  # ...so this one waits, copied
             Request(READ, 0, 4, 100, 1000, None),  # small: copied inline
         ], structured=structured, drv=drv, send_file=send_file)
