@@ -85,6 +85,9 @@ COLD_SPAN = 256
 #: waited (dirty-page throttling, a lock): the next SLOW_SPAN large writes go to the
 #: writer thread, then the loop tries again
 BIG_WRITE_CACHES = frozenset({"writeback", "unsafe"})
+#: larger WRITEs still go to the writer thread: the hop costs little against their copy,
+#: and the event loop must not stop for milliseconds while other clients wait
+BIG_WRITE_MAX = NOWAIT_MAX
 SLOW_WRITE_NS = 4_000_000
 SLOW_SPAN = 64
 #: structured READs at least this large look for holes through block status (smaller
@@ -651,7 +654,7 @@ class Dispatcher:
                     drv.flush()
             return [enc.ok(cookie, off)]
 
-        if n < INLINE_LIMIT or fua or not self._write_here():
+        if n < INLINE_LIMIT or fua or not self._write_here(n):
             self._run(req, off, off + n, True, fn, n < INLINE_LIMIT and not fua)
             return
 
@@ -665,10 +668,11 @@ class Dispatcher:
 
         self._run(req, off, off + n, True, timed, True)
 
-    def _write_here(self) -> bool:
-        """A large WRITE without FUA: on the event loop (a copy into the page cache),
-        unless a recent one there was slow (then SLOW_SPAN go to the writer thread)."""
-        if not self._big_inline:
+    def _write_here(self, n: int) -> bool:
+        """A large WRITE without FUA: on the event loop (a copy into the page cache) up
+        to BIG_WRITE_MAX bytes, unless a recent one there was slow (then SLOW_SPAN go to
+        the writer thread)."""
+        if not self._big_inline or n > BIG_WRITE_MAX:
             return False
         if self._slow:
             self._slow -= 1

@@ -11,7 +11,7 @@ from dispatchfakes import Driver, dispatcher, settle, write
 
 from nbdqcow.nbd.constants import CmdFlag
 from nbdqcow.server import dispatch
-from nbdqcow.server.dispatch import INLINE_LIMIT, SLOW_SPAN
+from nbdqcow.server.dispatch import BIG_WRITE_MAX, INLINE_LIMIT, SLOW_SPAN
 
 MiB = 1 << 20
 
@@ -39,6 +39,22 @@ def test_large_write_waits_in_a_thread_where_it_may_wait_for_the_disk(cache: str
         assert replies == []  # handed to the writer thread
         await settle(replies, 1)
         assert drv.threads and drv.threads[0] != threading.current_thread().name
+
+    asyncio.run(main())
+
+
+def test_very_large_write_goes_to_the_writer_thread() -> None:
+    async def main() -> None:
+        drv, replies = Driver(2 * BIG_WRITE_MAX), []  # type: ignore[var-annotated]
+        d = dispatcher("writeback", drv, replies)
+        d.handle(write(1, 0, b"\1" * BIG_WRITE_MAX))  # the largest one on the loop
+        assert len(replies) == 1
+        d.handle(write(2, 0, b"\2" * (BIG_WRITE_MAX + 1)))  # the loop must not stop long
+        assert len(replies) == 1
+        await settle(replies, 2)
+        me = threading.current_thread().name
+        assert drv.threads[0] == me and drv.threads[1] != me
+        assert drv.data[: BIG_WRITE_MAX + 1] == b"\2" * (BIG_WRITE_MAX + 1)
 
     asyncio.run(main())
 
