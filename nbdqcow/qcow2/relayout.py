@@ -3,8 +3,10 @@ layout as create.py's preallocated modes: all metadata first, then host = guest 
 constant for every guest cluster).
 
 The new image is built in a temporary file beside the target (same options, made by
-create.py), data copied cluster by cluster with every cluster's state kept (data, zero,
-unallocated/backing), synced, and renamed over the target; the directory is synced.
+create.py), every cluster's state kept (data, zero, unallocated/backing; plain data
+copied in bulk by :mod:`nbdqcow.qcow2.relayout_copy`), synced, and renamed over the
+target; the directory is synced (tests/e2e/test_power_loss_relayout.py checks every
+crash state across the rename).
 Killed at any point before the rename, the original is untouched (a stale temporary
 file is removed by the next run).
 """

@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nbdqcow.block.hostfile import HostFile
-from nbdqcow.qcow2.relayout_copy import _windows, clip_to_data, copy_pieces, merge_pieces
+from nbdqcow.qcow2.relayout_copy import clip_to_data, copy_pieces, merge_pieces
 
 CS = 4096
 
@@ -30,19 +31,25 @@ def test_clip_keeps_only_the_data_extents() -> None:
     assert list(clip_to_data(pieces, [])) == []
 
 
-def test_windows_split_pieces_at_window_ends_and_keep_old_order() -> None:
-    todo = [(0, 30, 90), (50, 10, 5), (70, 10, 15)]
-    ws = _windows(todo, 20)
-    assert ws == [(0, 20, [(50, 10, 5), (70, 5, 15)]), (20, 40, [(75, 5, 20)]),
-                  (80, 100, [(0, 10, 90)]), (100, 120, [(10, 20, 100)])]
-    assert _windows(todo, 0) == [(5, 120, todo)]
-    assert _windows([], 20) == []
-
-
 @pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "buffer"])
-@pytest.mark.parametrize("threads,window", [(1, 0), (2, 8 * CS), (3, 3 * CS)])
-def test_copy_matches_a_model(tmp_path: Path, kernel: bool, threads: int, window: int) -> None:
-    rng = random.Random(threads * 7 + window)
+@pytest.mark.parametrize("threads,direct,chunk", [(1, False, 0), (3, False, 0),
+                                                  (2, True, 8 * CS), (4, True, 3 * CS)])
+def test_copy_matches_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool,
+                              threads: int, direct: bool, chunk: int) -> None:
+    from nbdqcow.qcow2 import relayout_copy
+
+    if chunk:
+        monkeypatch.setattr(relayout_copy, "CHUNK", chunk)
+        monkeypatch.setattr(relayout_copy, "DIRECT_THREADS", threads)
+    direct_calls: list[int] = []
+    real_direct = relayout_copy._copy_direct
+
+    def spy(*a: Any) -> Any:
+        direct_calls.append(len(a[2]))
+        return real_direct(*a)
+
+    monkeypatch.setattr(relayout_copy, "_copy_direct", spy)
+    rng = random.Random(threads * 7 + chunk)
     n = 64
     src_path, dst_path = tmp_path / "src", tmp_path / "dst"
     src_data = bytearray(rng.randbytes(n * CS))
@@ -62,23 +69,25 @@ def test_copy_matches_a_model(tmp_path: Path, kernel: bool, threads: int, window
     rng.shuffle(order)
     base = 8 * CS
     pieces = [(order[g] * CS, CS, base + g * CS) for g in range(n)]
-    # one piece runs past the end of the source: it reads as zeros
+    # one piece runs past the end of the source: it reads as zeros; one is not in
+    # whole sectors (O_DIRECT cannot write it)
     pieces[-1] = (n * CS - CS // 2, CS, base + (n - 1) * CS)
+    pieces[-2] = (pieces[-2][0], CS - 100, pieces[-2][2])
     model = bytearray(dst_size)
     for s, k, d in pieces:
-        chunk = bytes(src_data[s : s + k]).ljust(k, b"\0")
-        model[d : d + k] = chunk
+        model[d : d + k] = bytes(src_data[s : s + k]).ljust(k, b"\0")
     src, dst = HostFile(str(src_path), writable=False), HostFile(str(dst_path), writable=True)
     dst._kernel_copy = kernel
     seen: list[tuple[int, int]] = []
     try:
         copied = copy_pieces(src, dst, merge_pieces(pieces),
-                             lambda d, t: seen.append((d, t)), threads=threads, window=window)
+                             lambda d, t: seen.append((d, t)), threads=threads, direct=direct)
     finally:
         src.close()
         dst.close()
     assert dst_path.read_bytes() == bytes(model)
     assert copied < n * CS  # the hole was left out
+    assert bool(direct_calls) == direct  # O_DIRECT was taken (this file system has it)
     assert seen and seen[-1] == (copied, copied)
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
 
@@ -90,7 +99,7 @@ def test_a_failing_copy_is_raised_in_the_caller(tmp_path: Path) -> None:
     src, dst = HostFile(str(src_path), writable=False), HostFile(str(dst_path), writable=False)
     try:
         with pytest.raises(OSError):
-            copy_pieces(src, dst, [(0, 16 * CS, 0)], threads=2, window=CS)
+            copy_pieces(src, dst, [(0, 16 * CS, 0)], threads=2, direct=False)
     finally:
         src.close()
         dst.close()
