@@ -73,6 +73,7 @@ class SslSession:
         c: Any = getattr(self._obj, "_sslobj", self._obj)  # the C object, when there
         self._read: Callable[[int, memoryview], int] = c.read
         self._write: Callable[[bytes | bytearray | memoryview], int] = c.write
+        self._pending: Callable[[], int] = c.pending
 
     def handshake(self) -> bool:
         try:
@@ -88,9 +89,15 @@ class SslSession:
         most 16 KiB): fewer than ``len(buf)`` bytes means nothing more is buffered."""
         if self.eof:
             raise TlsClosed()
-        read, size, got = self._read, len(buf), 0
+        read, size, got, bio = self._read, len(buf), 0, self._in
         try:
             while got < size:
+                # OpenSSL (no read-ahead) takes one record at a time from the BIO: with
+                # the BIO empty and nothing decrypted left, a read can only fail.  The
+                # socket hands over whole records (the peer sends one per write), so
+                # this skips the SSLWantReadError a chunk would otherwise end with.
+                if not bio.pending and not self._pending():
+                    return got
                 n = read(size - got, buf[got:] if got else buf)
                 if n <= 0:  # close_notify (ssl answers 0 or SSLZeroReturnError)
                     break
