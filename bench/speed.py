@@ -20,7 +20,8 @@ Workloads (each against its qemu counterpart):
   preallocation=falloc`` of a fragmented image (random 64 KiB writes in random order);
   ``relayout flushed``: the same against ``qemu-img convert -t writeback`` (qemu-img's
   default cache mode, ``unsafe``, never syncs the new image; relayout syncs it before
-  the rename, as ``-t writeback`` syncs once at the end).
+  the rename, as ``-t writeback`` syncs once at the end); ``relayout unsafe``:
+  ``nbdqcow relayout -t unsafe`` (nothing synced) against qemu-img's default.
 
 Times are wall-clock seconds (lower is better); the ratio is nbdqcow / qemu, per
 repetition, median (below 1.00x nbdqcow is faster).  For fio workloads the figure is
@@ -225,7 +226,7 @@ def write_section(path: Path, section: str) -> None:
 
 
 WORKLOADS = ("map nbd", "map offline", "check", "start-up", "cold 4k randread QD16",
-             "cold 1M seq read QD4", "relayout", "relayout flushed")
+             "cold 1M seq read QD4", "relayout", "relayout flushed", "relayout unsafe")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                 return timed(["qemu-img", "convert", "-O", "qcow2", "-o",
                               "preallocation=falloc", str(frag), str(out)])
 
+            def unsafe() -> float:  # -t unsafe: nothing synced, as qemu-img's default
+                out.unlink(missing_ok=True)
+                return timed(nbdqcow("relayout", "-q", "-t", "unsafe", "-O", str(out),
+                                     str(frag)))
+
             def flushed() -> float:  # -t writeback: qemu-img syncs once at the end, as we do
                 out.unlink(missing_ok=True)
                 return timed(["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", "-o",
@@ -304,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             if "relayout flushed" in todo:
                 rows.append(interleave(f"relayout flushed ({a.relayout_size})", lambda w: (
                     relayout(w) if w == "nbdqcow" else flushed()), a.repeat, False))
+            if "relayout unsafe" in todo:
+                rows.append(interleave(f"relayout unsafe ({a.relayout_size})", lambda w: (
+                    unsafe() if w == "nbdqcow" else relayout(w)), a.repeat, False))
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -75,6 +75,8 @@ class HostFile:
                 raise
         self._size_lock = threading.Lock()
         self._kernel_copy = hasattr(os, "copy_file_range")
+        #: False: :meth:`sync` does nothing (qemu's cache=unsafe, asked for by the user)
+        self.syncs = True
         # set by a failed fdatasync: the kernel may have dropped the dirty pages it could
         # not write, so a later fdatasync that succeeds proves nothing; every later sync
         # fails (as qemu's file driver does) instead of claiming durability
@@ -141,6 +143,8 @@ class HostFile:
             src_offset, offset, length = src_offset + n, offset + n, length - n
 
     def sync(self) -> None:
+        if not self.syncs:
+            return
         if self.sync_error is not None:
             raise OSError(errno.EIO, f"{self.path}: an earlier sync failed "
                           f"({self.sync_error.strerror}); data may be lost")
@@ -269,10 +273,12 @@ def sync_path(path: str) -> None:
         os.close(fd)
 
 
-def replace_file(src: str, dst: str) -> None:
-    """Rename ``src`` over ``dst`` and make the rename durable (the directory synced)."""
+def replace_file(src: str, dst: str, durable: bool = True) -> None:
+    """Rename ``src`` over ``dst`` and make the rename durable (the directory synced;
+    ``durable=False``: not)."""
     os.replace(src, dst)
-    sync_path(os.path.dirname(os.path.abspath(dst)) or ".")
+    if durable:
+        sync_path(os.path.dirname(os.path.abspath(dst)) or ".")
 
 
 def remove_file(path: str) -> None:

@@ -42,7 +42,8 @@ def run_relayout(args: argparse.Namespace) -> int:
     # relayout into another file: in place it writes the image), as qemu-img honours them
     access = write_access(args) if args.output is None else read_access(args, hint="")
     result = relayout(qcow2_file_of(args), args.output, _Bar() if show else None,
-                      args.preallocation, _pause=pause, access=access)
+                      args.preallocation, _pause=pause, access=access,
+                      durable=args.cache != "unsafe")
     if not args.quiet:
         d = Qcow2Driver.open(result.path, writable=False, backing=no_backing)
         try:
@@ -65,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--preallocation", choices=[m for m in PREALLOC_MODES if m != "off"],
                    default=None, help="data area of the new image (default: falloc when "
                    "the old file is fully allocated, else metadata)")
+    p.add_argument("-t", dest="cache", choices=("writeback", "unsafe"), default="writeback",
+                   help="writeback (default): the new image is synced before it replaces "
+                   "anything; unsafe (only with -O, qemu-img convert's default): nothing "
+                   "is synced, a crash may leave NEWFILE incomplete")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
     add_image_opts(p)
     p.add_argument("file", metavar="FILE", help="the qcow2 image to rewrite")

@@ -204,7 +204,9 @@ def _copy_standard(src: Qcow2Driver, dst: Qcow2Driver, data_offset: int,
         if progress is not None:
             progress(total * done // max(1, to_copy), total)
 
-    copy_pieces(src.data_file, dst.file, merge_pieces(pieces), bar)
+    # unsafe (nothing synced): the page cache takes the new data at once, no disk wait
+    copy_pieces(src.data_file, dst.file, merge_pieces(pieces), bar,
+                direct=None if dst.file.syncs else False)
 
 
 def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int,
@@ -222,12 +224,18 @@ def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int
 
 def relayout(path: str, output: str | None = None, progress: Progress | None = None,
              prealloc: str | None = None, _pause: float = 0.0,
-             access: Access | None = None) -> RelayoutResult:
+             access: Access | None = None, durable: bool = True) -> RelayoutResult:
     """Rewrite ``path`` (or into ``output``) with host = guest + one constant.
     ``access``: how the image's specification says to lock it (``file.locking=off``,
-    ``force-share=on``, which only a relayout into another file may use)."""
+    ``force-share=on``, which only a relayout into another file may use).
+    ``durable=False`` (qemu-img convert's default cache mode, unsafe): nothing is synced,
+    the new image may still be in the page cache on return; refused in place, where the
+    old image would be lost to a crash."""
     target = output if output is not None else path
     in_place = output is None or os.path.exists(output) and os.path.samefile(output, path)
+    if in_place and not durable:
+        raise RelayoutError("relayout in place needs the new image on disk before it "
+                            "replaces the old one: cache mode 'unsafe' only with -O")
     # qemu's locks: replacing an image is writing it, so nobody else may use it meanwhile
     # (the source with a writer's locks when it is the target, else a reader's)
     # the backing file's data is never read: only whether there is one
@@ -242,7 +250,7 @@ def relayout(path: str, output: str | None = None, progress: Progress | None = N
                                  lock=Access(write=True).image("qcow2"))
             except ImageLocked as e:
                 raise e.within(f"Could not open '{target}': ") from None
-        return _relayout(src, target, progress, prealloc, _pause)
+        return _relayout(src, target, progress, prealloc, _pause, durable)
     finally:
         if guard is not None:
             guard.close()
@@ -250,7 +258,7 @@ def relayout(path: str, output: str | None = None, progress: Progress | None = N
 
 
 def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
-              prealloc: str | None, _pause: float) -> RelayoutResult:
+              prealloc: str | None, _pause: float, durable: bool) -> RelayoutResult:
     tmp = tmp_path_for(target)
     remove_file(tmp)  # left over by an interrupted run
     opts = _options(src, prealloc or _choose_prealloc(src), target)
@@ -262,6 +270,7 @@ def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
     create_qcow2(tmp, src.size, opts)
     try:
         dst = Qcow2Driver.open(tmp, writable=True, backing=no_backing)
+        dst.file.syncs = durable
         try:
             total = dst.geo.size_to_clusters(src.size)
             if dst.geo.extended_l2 or _pause:
@@ -280,9 +289,10 @@ def _relayout(src: Qcow2Driver, target: str, progress: Progress | None,
             dst.close()
         if os.path.exists(target):
             copy_mode(target, tmp)
-        sync_path(tmp)
+        if durable:
+            sync_path(tmp)
     except BaseException:
         remove_file(tmp)
         raise
-    replace_file(tmp, target)
+    replace_file(tmp, target, durable)
     return RelayoutResult(target, total, data_offset)
