@@ -43,6 +43,7 @@ from nbdqcow.nbd.handshake import Negotiated
 from nbdqcow.nbd.transmission import ReplyEncoder, Request
 from nbdqcow.server.exports import Export
 from nbdqcow.server.flow import FlowControl
+from nbdqcow.server.ringio import LoopRing, ring_for
 from nbdqcow.server.stats import LATENCY_CLASS, N_CMDS, now_ns
 from nbdqcow.server.workers import WORKERS, WRITER
 
@@ -90,6 +91,10 @@ BIG_WRITE_CACHES = frozenset({"writeback", "unsafe"})
 BIG_WRITE_MAX = NOWAIT_MAX
 SLOW_WRITE_NS = 4_000_000
 SLOW_SPAN = 64
+#: with io_uring, after a miss only every this many cold READs tries the page cache
+#: first (the others go straight to the ring, which serves cached data at once too):
+#: the try costs a system call and an exception, and nearly every cold read misses
+COLD_PROBE_EVERY = 4
 #: structured READs at least this large look for holes through block status (smaller
 #: ones are read and sent as one hole when they are all zeroes)
 HOLE_SCAN_MIN = INLINE_LIMIT
@@ -210,6 +215,32 @@ def descriptors(
     return [(n, f) for n, f in out]
 
 
+def _uncorked(fn: Callable[[], None]) -> None:
+    fn()
+
+
+def _run_all(fns: list[Callable[[], None]]) -> None:
+    for f in fns:
+        f()
+
+
+class _RingRef:
+    """The loop's io_uring, looked up on first use (most connections never need it)."""
+
+    __slots__ = ("loop", "ring", "looked")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ring: LoopRing | None = None
+        self.looked = False
+
+    def get(self) -> LoopRing | None:
+        if not self.looked:
+            self.looked = True
+            self.ring = ring_for(self.loop)
+        return self.ring
+
+
 class Dispatcher:
     """Handles the requests of one connection."""
 
@@ -221,6 +252,7 @@ class Dispatcher:
         flow: FlowControl,
         loop: asyncio.AbstractEventLoop,
         send_file: Callable[[bytes, int, int, int], bool] | None = None,
+        corked: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         self.export = export
         self.stats = export.stats
@@ -255,6 +287,10 @@ class Dispatcher:
         self._cold = 0  # > 0: small READs try RWF_NOWAIT first (see COLD_READ_NS)
         self._big_inline = export.cache in BIG_WRITE_CACHES
         self._slow = 0  # > 0: large WRITEs go to the writer thread (see SLOW_WRITE_NS)
+        self._probe_in = 0  # cold READs to send to the ring before the next RWF_NOWAIT try
+        self._ring: _RingRef | None = _RingRef(loop)  # None: no io_uring here
+        self._ring_done: list[Callable[[], None]] = []  # completions not answered yet
+        self._corked = corked or _uncorked
         df = _DF if self.structured else 0
         pl = _PAYLOAD_LEN if neg.extended else 0
         self._allowed: dict[int, int] = {
@@ -412,11 +448,67 @@ class Dispatcher:
         cmd = req.cmd
         if inline:
             self._complete(fut, nbytes, self._call(req, fn), cmd, charge)
-        else:
-            lane = WRITER if cmd in _WRITER_CMDS else WORKERS
-            lane.submit(lambda: self._call(req, fn),
-                        lambda reply: self._complete(fut, nbytes, reply, cmd, charge),
-                        self.loop)
+        elif cmd != _READ or not self._read_by_ring(req, fn, fut, nbytes, charge):
+            self._in_thread(req, fn, fut, nbytes, charge)
+
+    def _in_thread(
+        self, req: Request, fn: Callable[[], Reply], fut: asyncio.Future[None], nbytes: int,
+        charge: int,
+    ) -> None:
+        cmd = req.cmd
+        lane = WRITER if cmd in _WRITER_CMDS else WORKERS
+        lane.submit(lambda: self._call(req, fn),
+                    lambda reply: self._complete(fut, nbytes, reply, cmd, charge),
+                    self.loop)
+
+    def _read_by_ring(
+        self, req: Request, fn: Callable[[], Reply], fut: asyncio.Future[None], nbytes: int,
+        charge: int,
+    ) -> bool:
+        """Speed trick (cold data): a READ that would wait for the disk goes to the
+        loop's io_uring instead of a worker thread -- no thread hop, no GIL hand-off, and
+        the disk sees every read the client has in flight.  Only a READ whose reply is
+        one piece of data stored contiguously in one host file (``host_extent``); False
+        (nothing started) otherwise, or where io_uring is unusable."""
+        n = req.length
+        if self._ring is None or n == 0 or (
+                self.structured and n >= HOLE_SCAN_MIN and not req.flags & _DF
+                and self.caps.block_status):
+            return False
+        ring = self._ring.get()
+        if ring is None:
+            self._ring = None
+            return False
+        try:
+            ext = self.driver.host_extent(req.offset, n)
+        except Exception:  # noqa: BLE001 - the usual path reports it
+            return False
+        if ext is None:
+            return False
+        buf = POOL.take(n)
+
+        def answer() -> None:
+            self._complete(fut, nbytes, self._call(req, self._reply_of, req, buf), _READ,
+                           charge)
+
+        def done(res: int) -> None:
+            if res == n:
+                if not self._ring_done:
+                    ring.after_reap(self._answer_ring_reads)
+                self._ring_done.append(answer)
+            else:  # an error or a short read: the usual path says what happened
+                POOL.give(buf)
+                self._in_thread(req, fn, fut, nbytes, charge)
+
+        if ring.read(ext[0], buf, ext[1], done):
+            return True
+        POOL.give(buf)
+        return False
+
+    def _answer_ring_reads(self) -> None:
+        """The replies of the reads one look at the ring found done, in one write."""
+        answers, self._ring_done = self._ring_done, []
+        self._corked(lambda: _run_all(answers))
 
     def _complete(self, fut: asyncio.Future[None], nbytes: int, reply: Reply | None,
                   cmd: int = 0, charge: int = 0) -> None:
@@ -473,14 +565,19 @@ class Dispatcher:
 
     def _read_small(self, req: Request, read: Callable[[Request, bool], Reply]) -> None:
         """A small READ on the event loop.  Warm data: read right here.  After a read
-        that waited for the disk (cold data): try the page cache only and hand a miss
-        to a worker thread, so the loop never waits for the disk while other requests
-        could be under way."""
+        that waited for the disk (cold data): hand it to the io_uring (or a worker
+        thread), trying the page cache first on every COLD_PROBE_EVERY-th only, so the
+        loop never waits for the disk while other requests could be under way."""
         if not self._cold:
             t0 = now_ns()
             self.send(self._call(req, read, req, False))
             if now_ns() - t0 > COLD_READ_NS:
                 self._cold = COLD_SPAN
+            return
+        off, n = req.offset, req.length
+        if self._probe_in and self._ring is not None:
+            self._probe_in -= 1  # most cold reads miss: straight to the ring, no probe
+            self._run(req, off, off + n, False, lambda: read(req, False), False)
             return
         try:
             reply = read(req, True)
@@ -488,7 +585,7 @@ class Dispatcher:
             # a file system that cannot tell cached data (tmpfs): every such read would
             # go to a thread; back to reading here (timed) after this one
             self._cold = 0 if isinstance(e, NowaitUnsupported) else COLD_SPAN
-            off, n = req.offset, req.length
+            self._probe_in = COLD_PROBE_EVERY - 1 if self._cold else 0
             self._run(req, off, off + n, False, lambda: read(req, False), False)
             return
         except Exception as e:
@@ -531,12 +628,28 @@ class Dispatcher:
             raise
         return buf
 
+    def _reply_of(self, req: Request, data: bytes | bytearray) -> Reply:
+        """The reply to ``req`` carrying ``data``, all of its range in one piece (a
+        structured reply says "hole" instead when it is all zeroes, unless DF)."""
+        if not self.structured:
+            return _with_data([self.enc.read_simple(req.cookie), data], data)
+        off, n = req.offset, req.length
+        df = req.flags & _DF
+        if not df and is_zero(data):
+            if isinstance(data, bytearray):
+                POOL.give(data)
+            return [self.enc.hole(req.cookie, off, n, True, off)]
+        if (not df and n >= 2 * SECTOR and self.caps.block_status
+                and holds_zero_sector(data)):
+            split = self._split_small(req, data)
+            if split is not None:
+                return split
+        return _with_data([self.enc.data(req.cookie, off, n, True, off), data], data)
+
     def _read_simple(self, req: Request, nowait: bool) -> Reply:
-        head = self.enc.read_simple(req.cookie)
         if not req.length:
-            return [head]
-        data = self._fetch(req.offset, req.length, nowait)
-        return _with_data([head, data], data)
+            return [self.enc.read_simple(req.cookie)]
+        return self._reply_of(req, self._fetch(req.offset, req.length, nowait))
 
     def _read_structured(self, req: Request, nowait: bool) -> Reply:
         enc, drv, cookie, off, n = self.enc, self.driver, req.cookie, req.offset, req.length
@@ -544,15 +657,7 @@ class Dispatcher:
         if n == 0:
             return [enc.none(cookie, off)]
         if df or n < HOLE_SCAN_MIN or not self.caps.block_status:
-            data = self._fetch(off, n, nowait)
-            if not df and is_zero(data):
-                return [enc.hole(cookie, off, n, True, off)]
-            if (not df and n >= 2 * SECTOR and self.caps.block_status
-                    and holds_zero_sector(data)):
-                split = self._split_small(req, data)
-                if split is not None:
-                    return split
-            return _with_data([enc.data(cookie, off, n, True, off), data], data)
+            return self._reply_of(req, self._fetch(off, n, nowait))
         runs: list[list[int]] = []  # [start, length, zero]
         pos, end = off, off + n
         for e in drv.block_status(off, n):

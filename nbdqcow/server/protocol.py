@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from nbdqcow.block.hostfile import pread_full
@@ -179,16 +180,23 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _handle(self, reqs: list[Request]) -> None:
         if len(reqs) > 1:
-            self._cork = []
-            try:
-                self._handle_batch(reqs)
-            finally:
-                # corking ends before the write: a reply produced while the transport
-                # writes (resume_writing -> backlog drained) goes out directly after it
-                bufs, self._cork, self._corked = self._cork, None, 0
-                self._write_joined(bufs)
+            self.corked(lambda: self._handle_batch(reqs))
         else:
             self._handle_batch(reqs)
+
+    def corked(self, fn: Callable[[], None]) -> None:
+        """Run ``fn``; the replies it sends go out in as few writes as possible."""
+        if self._cork is not None:
+            fn()
+            return
+        self._cork = []
+        try:
+            fn()
+        finally:
+            # corking ends before the write: a reply produced while the transport
+            # writes (resume_writing -> backlog drained) goes out directly after it
+            bufs, self._cork, self._corked = self._cork, None, 0
+            self._write_joined(bufs)
 
     def _flush_cork(self) -> None:
         """Mid-batch: write what the batch produced so far; replies produced while that
@@ -303,7 +311,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.decoder = RequestDecoder(extended=neg.extended, reserve=self._reserve_payload,
                                           reserve_min=CHARGE_MIN)
             self.dispatcher = Dispatcher(export, neg, self.send, self.flow, self.loop,
-                                         self.send_file if self._sockfd >= 0 else None)
+                                         self.send_file if self._sockfd >= 0 else None,
+                                         self.corked)
             self.flow.on_capacity = self._drain
             self.server.negotiated(self)
             if hs.leftover:

@@ -22,6 +22,7 @@ from nbdqcow.nbd.handshake import ExportInfo
 from nbdqcow.server.budget import DEFAULT_LIMIT, MemoryBudget
 from nbdqcow.server.exports import Export
 from nbdqcow.server.protocol import NbdProtocol
+from nbdqcow.server.ringio import close_ring
 
 if TYPE_CHECKING:  # ssl is imported only when TLS is used
     from nbdqcow.tls.authz import Authz
@@ -208,6 +209,7 @@ class NbdServer:
         self.exports.remove(export)
         if clients:
             await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
+        close_ring(asyncio.get_running_loop())  # waits for cold reads still in flight
         if export.writable and export.cache != "unsafe":
             await asyncio.get_running_loop().run_in_executor(None, export.driver.flush)
         return export
@@ -312,6 +314,7 @@ class NbdServer:
         clients = list(self.active) + list(self.waiting)
         if clients:
             await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
+        close_ring(asyncio.get_running_loop())  # waits for cold reads still in flight
         for export in self.exports:
             try:
                 if export.writable and export.cache != "unsafe":

@@ -174,6 +174,8 @@ class MemDriver:
 
     def pwrite(self, data: Any, offset: int, fua: bool = False) -> None:
         self.data[offset : offset + len(data)] = data
+        if self.extent_fd >= 0:  # host_extent promises the file holds the guest's data
+            os.pwrite(self.extent_fd, data, offset)
 
     def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
         return None if self.extent_fd < 0 else (self.extent_fd, offset)
@@ -294,7 +296,7 @@ def test_large_cached_reads_go_out_with_sendfile(tmp_path: Any, structured: bool
     drv.data[:] = os.urandom(len(drv.data))
     path = tmp_path / "host"
     path.write_bytes(drv.data)  # just written: in the page cache
-    drv.extent_fd = os.open(path, os.O_RDONLY)
+    drv.extent_fd = os.open(path, os.O_RDWR)
     calls: list[tuple[bytes, int, int, int]] = []
 
     def send_file(head: bytes, fd: int, pos: int, n: int) -> bool:
