@@ -16,11 +16,13 @@ Two ways, chosen by where the old file's data is:
 
 Either way pieces in holes of the old file are left out (the new data area reads as
 zeros already), and where O_DIRECT is refused (a file system without it) the second
-way is taken.
+way is taken.  O_DIRECT writes whole :data:`ALIGN` blocks; the unaligned ends of runs
+(small clusters, the last partial cluster) go through the page cache after them.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import random
 import threading
@@ -38,8 +40,9 @@ THREADS = 2
 #: O_DIRECT chunks of the new file and how many are in flight
 CHUNK = 4 << 20
 DIRECT_THREADS = 4
-#: O_DIRECT needs offsets and lengths in whole sectors
-_SECTOR = 512
+#: O_DIRECT writes offsets and lengths in whole blocks of this size (4096 serves disks
+#: with 512-byte and with 4096-byte sectors)
+ALIGN = 4096
 
 
 def merge_pieces(pieces: Iterable[Piece]) -> list[Piece]:
@@ -92,9 +95,13 @@ def copy_pieces(src: HostFile, dst: HostFile, pieces: list[Piece],
     if out is not None:
         try:
             rest = _copy_direct(src, out, todo, report)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            rest = todo  # O_DIRECT wants more alignment here: all through the page cache
         finally:
             out.close()
-        for s, n, d in rest:  # not in whole sectors: through the page cache, after
+        for s, n, d in rest:  # after every O_DIRECT write: no page shared meanwhile
             dst.copy_from(src, s, n, d)
             report(n)
     else:
@@ -114,7 +121,7 @@ class _Report:
     def __call__(self, n: int) -> None:
         if self.progress is not None:
             with self.lock:
-                self.done += n
+                self.done = min(self.total, self.done + n)
                 self.progress(self.done, self.total)
 
     def finish(self) -> None:
@@ -156,14 +163,11 @@ def _copy_part(src: HostFile, dst: HostFile, part: list[Piece], report: _Report)
 
 def _copy_direct(src: HostFile, out: HostFile, todo: list[Piece], report: _Report
                  ) -> list[Piece]:
-    """The O_DIRECT way; returns the pieces it left for the page cache (not in whole
-    sectors: at most the image's last, partial cluster)."""
+    """The O_DIRECT way; returns the pieces it left for the page cache: the ends of
+    each contiguous run of the new file that are not in whole :data:`ALIGN` blocks."""
     chunks: dict[int, list[Piece]] = {}
     rest: list[Piece] = []
-    for s, n, d in sorted(todo, key=lambda p: p[2]):
-        if d % _SECTOR or n % _SECTOR:
-            rest.append((s, n, d))
-            continue
+    for s, n, d in _aligned(sorted(todo, key=lambda p: p[2]), rest):
         while n:  # a piece across a chunk's end is split there
             k = min(n, (d // CHUNK + 1) * CHUNK - d)
             chunks.setdefault(d // CHUNK, []).append((s, k, d))
@@ -192,6 +196,30 @@ def _copy_direct(src: HostFile, out: HostFile, todo: list[Piece], report: _Repor
 
     _run(min(DIRECT_THREADS, len(chunks)), work)
     return rest
+
+
+def _aligned(by_new: list[Piece], rest: list[Piece]) -> Iterator[Piece]:
+    """The parts of ``by_new`` (sorted by new offset) in whole ALIGN blocks of each
+    contiguous run of the new file; the unaligned ends of the runs go to ``rest``."""
+    i = 0
+    while i < len(by_new):
+        j = i + 1
+        while j < len(by_new) and by_new[j][2] == by_new[j - 1][2] + by_new[j - 1][1]:
+            j += 1
+        start, end = by_new[i][2], by_new[j - 1][2] + by_new[j - 1][1]
+        lo, hi = -(-start // ALIGN) * ALIGN, end // ALIGN * ALIGN
+        if lo >= hi:
+            lo = hi = end
+        for s, n, d in by_new[i:j]:
+            for a, b, keep in ((d, min(d + n, lo), False), (max(d, lo), min(d + n, hi), True),
+                               (max(d, hi), d + n, False)):
+                if a < b:
+                    part = (s + a - d, b - a, a)
+                    if keep:
+                        yield part
+                    else:
+                        rest.append(part)
+        i = j
 
 
 def _write_chunk(src: HostFile, out: HostFile, base: int, pieces: list[Piece],

@@ -136,3 +136,40 @@ def test_cached_or_cold_decides_windows_or_one_pass(tmp_path: Path) -> None:
         assert not _mostly_cached(src, pieces)
     finally:
         src.close()
+
+
+def test_aligned_parts_of_runs_go_direct_and_their_ends_later() -> None:
+    from nbdqcow.qcow2.relayout_copy import ALIGN, _aligned
+
+    a = ALIGN
+    by_new = [(10 * a, 512, a - 512), (0, 2 * a + 512, a),  # one run [a-512, 3a+512)
+              (50 * a, 1024, 8 * a + 512)]  # a run with no whole block
+    rest: list[tuple[int, int, int]] = []
+    direct = list(_aligned(by_new, rest))
+    assert direct == [(0, 2 * a, a)]
+    assert sorted(rest, key=lambda p: p[2]) == [(10 * a, 512, a - 512), (2 * a, 512, 3 * a),
+                                                (50 * a, 1024, 8 * a + 512)]
+
+
+def test_direct_copy_of_small_clusters(tmp_path: Path) -> None:
+    """512-byte pieces in random order: runs start and end inside 4 KiB blocks."""
+    rng = random.Random(4)
+    n, cs = 200, 512
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    data = rng.randbytes(n * cs)
+    src_path.write_bytes(data)
+    dst_path.write_bytes(bytes(n * cs + 3 * cs))
+    order = list(range(n))
+    rng.shuffle(order)
+    skip = {17, 18, 100}  # gaps in the new file: runs end mid-block there
+    pieces = [(order[g] * cs, cs, 3 * cs + g * cs) for g in range(n) if g not in skip]
+    model = bytearray(n * cs + 3 * cs)
+    for s, k, d in pieces:
+        model[d : d + k] = data[s : s + k]
+    src, dst = HostFile(str(src_path), writable=False), HostFile(str(dst_path), writable=True)
+    try:
+        assert copy_pieces(src, dst, merge_pieces(pieces), direct=True) == len(pieces) * cs
+    finally:
+        src.close()
+        dst.close()
+    assert dst_path.read_bytes() == bytes(model)
