@@ -9,6 +9,7 @@ import os
 import threading
 
 from nbdqcow.block.locking import LockMode, acquire
+from nbdqcow.block.writebehind import MIN_WRITE, WriteBehind
 from nbdqcow.block.zeros import fill_zero
 from nbdqcow.errors import NowaitUnsupported, WouldBlock
 
@@ -77,6 +78,9 @@ class HostFile:
         self._kernel_copy = hasattr(os, "copy_file_range")
         #: False: :meth:`sync` does nothing (qemu's cache=unsafe, asked for by the user)
         self.syncs = True
+        # streamed writes start their way to the disk early (see writebehind.py); not
+        # with O_DIRECT (nothing is left in the page cache)
+        self.write_behind = WriteBehind() if writable and not direct else None
         # set by a failed fdatasync: the kernel may have dropped the dirty pages it could
         # not write, so a later fdatasync that succeeds proves nothing; every later sync
         # fails (as qemu's file driver does) instead of claiming durability
@@ -115,6 +119,9 @@ class HostFile:
         n = os.pwrite(self.fd, mv, offset)
         while n < len(mv):
             n += os.pwrite(self.fd, mv[n:], offset + n)
+        wb = self.write_behind
+        if wb is not None and n >= MIN_WRITE and self.syncs:  # cache=unsafe: no hurry
+            wb.wrote(offset, n, self.start_writeback)
 
     def copy_from(self, src: HostFile, src_offset: int, length: int, offset: int) -> None:
         """Copy ``length`` bytes of ``src`` at ``src_offset`` to ``offset`` of this file

@@ -1,0 +1,96 @@
+"""Write-behind: hand a host file's streamed ranges to the disk while writing goes on.
+
+A client that copies an image (nbdcopy, qemu-img convert, dd) writes it front to back
+and ends with a FLUSH.  Left alone, the kernel keeps every written page dirty in the page
+cache until that fsync (its background writeback starts only past ``dirty_background``,
+10% of memory), so the fsync then writes the whole image while the client waits: for a
+1 GiB copy about as long as the copy itself.  Here, once a CHUNK-aligned range of a
+file has been written completely (sequential writes fill one chunk after the other), a
+background thread starts its writeback (sync_file_range WRITE: no waiting, no
+durability promise -- FLUSH still syncs), so the disk works during the copy and the
+final fsync finds little left.  Random writes seldom fill a whole chunk, and small ones
+(metadata, 4 KiB guest writes) are not counted at all: they stay with the kernel's own
+writeback.  Only the order in which the kernel may write dirty pages changes, which it
+is free to choose anyway: no crash state is new.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+#: ranges handed to the disk: aligned chunks of the host file, once fully written
+CHUNK = 32 * 1024 * 1024
+#: writes smaller than this are not counted
+MIN_WRITE = 64 * 1024
+#: chunks waiting for the thread at most (more: the disk is behind; the kernel's own
+#: writeback and the final fsync take the rest)
+MAX_QUEUED = 8
+
+Kick = Callable[[int, int], None]
+
+
+class _Thread:
+    """One daemon thread for the process: starts the writeback of queued ranges."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Kick, int, int]] = queue.SimpleQueue()
+        self.queued = 0
+        self._lock = threading.Lock()
+        self._started = False
+
+    def put(self, kick: Kick, start: int, length: int) -> None:
+        with self._lock:
+            if self.queued >= MAX_QUEUED:
+                return
+            self.queued += 1
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._work, name="nbdqcow-writebehind",
+                                 daemon=True).start()
+        self.jobs.put((kick, start, length))
+
+    def _work(self) -> None:
+        while True:
+            kick, start, length = self.jobs.get()
+            try:
+                kick(start, length)
+            except OSError:
+                pass  # a hint only: the next sync reports real errors
+            finally:
+                with self._lock:
+                    self.queued -= 1
+            del kick
+
+
+_THREAD = _Thread()
+
+
+class WriteBehind:
+    """Counts the bytes written into each chunk of one file; a full chunk is kicked."""
+
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self.chunk = chunk
+        self._filled: dict[int, int] = {}
+
+    def wrote(self, offset: int, n: int, kick: Kick) -> None:
+        """``n`` bytes were written at ``offset`` (the caller skips small writes);
+        ``kick(start, length)`` starts the writeback of a full chunk (in the thread)."""
+        chunk, filled = self.chunk, self._filled
+        end = offset + n
+        c = offset // chunk
+        while offset < end:
+            top = (c + 1) * chunk
+            k = min(end, top) - offset
+            got = filled.get(c, 0) + k
+            if got >= chunk:
+                filled.pop(c, None)
+                _THREAD.put(kick, c * chunk, chunk)
+            else:
+                filled[c] = got
+            offset += k
+            c += 1
+        if len(filled) > 4096:  # scattered large writes: forget the oldest counts
+            for key in list(filled)[:2048]:
+                del filled[key]
