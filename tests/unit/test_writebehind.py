@@ -25,8 +25,8 @@ class Kicks:
             self.ranges.append((start, length))
             self.threads.add(threading.current_thread().name)
 
-    def wait(self, n: int) -> list[tuple[int, int]]:
-        deadline = time.monotonic() + 10
+    def wait(self, n: int, timeout: float = 10) -> list[tuple[int, int]]:
+        deadline = time.monotonic() + timeout
         while len(self.ranges) < n and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(0.05)  # and nothing more comes
@@ -90,6 +90,10 @@ def test_host_files_stream_their_large_writes(tmp_path: Path) -> None:
         for off in range(0, 2 * MiB, MIN_WRITE):
             f.pwrite(os.urandom(MIN_WRITE), off)
         assert kicks.wait(2) == [(0, MiB), (MiB, MiB)]
+        f.syncs = False  # cache=unsafe: nothing will ever wait for the disk
+        for off in range(2 * MiB, 3 * MiB, MIN_WRITE):
+            f.pwrite(os.urandom(MIN_WRITE), off)
+        assert kicks.wait(3, timeout=0.3) == [(0, MiB), (MiB, MiB)]
     finally:
         f.close()
     g = HostFile(str(path), writable=False)
