@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
 from nbdqcow.cli.images import add_image_opts, qcow2_file_of
 from nbdqcow.cli.locks import add_force_share, read_access
@@ -68,7 +67,10 @@ MAP_Y, MAP_H = DISP_Y + DISP_H + 30, 220
 _LATER = ((250, 205, 60), (200, 30, 30))
 _EARLIER = ((110, 215, 190), (110, 40, 170))
 _EMPTY = (246, 246, 246)
-Arr = npt.NDArray[Any]
+if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker only
+    import numpy.typing as npt
+
+    Arr = npt.NDArray[Any]
 
 
 class Bar:

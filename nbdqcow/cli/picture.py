@@ -7,12 +7,15 @@ import base64
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 import numpy as np
-import numpy.typing as npt
 
-Pixels = npt.NDArray[np.uint8]  # (h, w, 3)
+if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker only
+    import numpy.typing as npt
+
+    Pixels = npt.NDArray[np.uint8]  # (h, w, 3)
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.entries import HAS_HOST, SC, bitmap_valid, sc_type, std_type
 from nbdqcow.qcow2.geometry import Geometry
 
-U64 = npt.NDArray[np.uint64]
+if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker only
+    import numpy.typing as npt
+
+    U64 = npt.NDArray[np.uint64]
+    Pieces = tuple[U64, U64, npt.NDArray[np.int8], U64]  # pos, length, state, host value
 
 _OFF = np.uint64(L.L2E_OFFSET_MASK)
 _COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)
@@ -63,9 +67,6 @@ def allocated_mask(e: U64, has_data_file: bool) -> npt.NDArray[np.bool_]:
     if has_data_file:
         alloc |= (e & _COPIED) != 0
     return alloc
-
-
-Pieces = tuple[U64, U64, npt.NDArray[np.int8], U64]  # pos, length, state, host value
 
 
 def _has_host(state: npt.NDArray[np.int8]) -> npt.NDArray[np.bool_]:

@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.check.stored import Stored
 from nbdqcow.qcow2.geometry import Geometry
 from nbdqcow.qcow2.scan import allocated_mask, words_of
 
-U64 = npt.NDArray[np.uint64]
+if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker only
+    import numpy.typing as npt
 
-if TYPE_CHECKING:
+    U64 = npt.NDArray[np.uint64]
     from nbdqcow.qcow2.mapping_summary import MappingSummary
 
 _COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)

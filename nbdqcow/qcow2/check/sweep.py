@@ -14,16 +14,19 @@ a time (:mod:`nbdqcow.qcow2.check.walk`), which is what defines the messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.geometry import Geometry
 
-U64 = npt.NDArray[np.uint64]
-Ints = npt.NDArray[np.intp]
+if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker only
+    import numpy.typing as npt
+
+    U64 = npt.NDArray[np.uint64]
+    Ints = npt.NDArray[np.intp]
 
 _COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)
 _COPIED = np.uint64(L.QCOW_OFLAG_COPIED)

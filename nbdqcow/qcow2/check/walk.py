@@ -14,9 +14,9 @@ from __future__ import annotations
 import struct
 from array import array
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.errors import ImageOpenError
@@ -29,6 +29,9 @@ from nbdqcow.qcow2.entries import SC, std_type
 from nbdqcow.qcow2.geometry import Geometry
 from nbdqcow.qcow2.header import Header
 from nbdqcow.qcow2.tables import load_u64, store_u64
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 MAX_CLUSTERS = 1 << 31  # qemu-img check gives up beyond INT_MAX clusters as well
 KEEP_ENTRIES = 4 << 20  # active entries kept from the walk for the mapping line
