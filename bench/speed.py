@@ -15,7 +15,8 @@ Workloads (each against its qemu counterpart):
 * ``start-up``: exec to a listening unix socket, ``nbdqcow serve -r`` / ``qemu-nbd -r``;
 * ``cold 4k randread QD16`` and ``cold 1M seq read QD4``: fio (nbd engine) on a fully
   allocated 1 GiB image, the page cache dropped (``echo 3 > /proc/sys/vm/drop_caches``)
-  before every run (needs root);
+  before every run (needs root), after one unmeasured run per server (``--warmup``);
+  the table also gives each server's CPU time per request (median over the runs);
 * ``relayout``: ``nbdqcow relayout`` / ``qemu-img convert -O qcow2 -o
   preallocation=falloc`` of a fragmented image (random 64 KiB writes in random order);
   ``relayout flushed``: the same against ``qemu-img convert -t writeback`` (qemu-img's
@@ -47,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servers import REPO, load_average, machine_description  # noqa: E402
+from servers import CLK_TCK, REPO, load_average, machine_description  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -151,8 +152,12 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+#: server CPU seconds per request of every fio run, by server ("nbdqcow", "qemu")
+CPU_PER_OP: dict[str, list[float]] = {"nbdqcow": [], "qemu": []}
+
+
 def fio(which: str, image: Path, work: Path, rw: str, bs: str, qd: int,
-        runtime: float | None) -> float:
+        runtime: float | None, record: bool = True) -> float:
     sock = work / f"fio-{which}.sock"
     _, proc = until_listening(
         server_argv(which, image, sock, "-r", "-t", "--cache=writeback", "--aio=threads",
@@ -164,11 +169,44 @@ def fio(which: str, image: Path, work: Path, rw: str, bs: str, qd: int,
                 "--randrepeat=0", "--output-format=json", "--readonly"]
         if runtime:
             argv += [f"--runtime={runtime}", "--time_based"]
+        cpu0 = cpu_seconds(proc.pid)
         out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        cpu = cpu_seconds(proc.pid) - cpu0
         job = json.loads(out[out.index("{"):])["jobs"][0]["read"]
+        if record:
+            CPU_PER_OP[which].append(cpu / max(1, job["total_ios"]))
         return job["io_bytes"] / MiB / (job["runtime"] / 1000.0)
     finally:
         stop(proc)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads, kernel workers included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cold_fio(name: str, image: Path, work: Path, rw: str, bs: str, qd: int,
+             runtime: float | None, repeat: int, warmup: int) -> dict[str, object]:
+    """A cold fio workload: ``warmup`` unmeasured runs per server first (the first
+    reads of an image after it was written, or after a while, wait for the host below
+    this VM too, and would penalise whichever server goes first), then ``repeat``
+    interleaved measured runs; the row gets the servers' CPU per request."""
+    for _ in range(warmup):
+        for which in ("nbdqcow", "qemu"):
+            fio(which, image, work, rw, bs, qd, runtime, record=False)
+    for v in CPU_PER_OP.values():
+        v.clear()
+    row = interleave(name, lambda w: fio(w, image, work, rw, bs, qd, runtime), repeat, True)
+    row["cpu_us"] = {w: statistics.median(v) * 1e6 for w, v in CPU_PER_OP.items() if v}
+    cpu = row["cpu_us"]
+    assert isinstance(cpu, dict)
+    if len(cpu) == 2:
+        print(f"{'':28} server CPU per request: nbdqcow {cpu['nbdqcow']:.1f} us, "
+              f"qemu-nbd {cpu['qemu']:.1f} us", flush=True)
+    return row
 
 
 # --- driver ------------------------------------------------------------------------------
@@ -207,12 +245,16 @@ def markdown(rows: list[dict[str, object]], load0: str, load1: str, repeat: int)
         f"Machine: {m.get('nproc', '?')} CPUs, {m.get('cpu', '?')}; load average before "
         f"{load0}, after {load1} (the machine is shared: ratios are the figure to read).",
         "",
-        "| workload | nbdqcow | qemu | unit | ratio (range) |",
-        "|---|---:|---:|---|---|",
+        "| workload | nbdqcow | qemu | unit | ratio (range) | server CPU µs/request "
+        "nbdqcow / qemu |",
+        "|---|---:|---:|---|---|---|",
     ]
     for r in rows:
+        cpu = r.get("cpu_us")
+        cpu_text = (f"{cpu['nbdqcow']:.1f} / {cpu['qemu']:.1f}"
+                    if isinstance(cpu, dict) and len(cpu) == 2 else "")
         lines.append(f"| {r['workload']} | {r['nbdqcow']:.3f} | {r['qemu']:.3f} | {r['unit']} | "
-                     f"{r['ratio']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) |")
+                     f"{r['ratio']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) | {cpu_text} |")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -235,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run workloads whose name contains this text (repeatable)")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions per tool (3)")
     ap.add_argument("--cold-size", default="1G", help="image for cold reads (1G)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="unmeasured runs per server before each cold workload (1)")
     ap.add_argument("--relayout-size", default="2G", help="fragmented image (2G)")
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per 4k fio run")
     ap.add_argument("--workdir", help="keep images here (default: a temporary directory)")
@@ -275,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             print("bench: writing the allocated image ...", flush=True)
             allocated_image(cold, cold_size)
         if "cold 4k randread QD16" in todo:
-            rows.append(interleave("cold 4k randread QD16", lambda w: fio(
-                w, cold, work, "randread", "4k", 16, a.runtime), a.repeat, True))
+            rows.append(cold_fio("cold 4k randread QD16", cold, work, "randread", "4k", 16,
+                                 a.runtime, a.repeat, a.warmup))
         if "cold 1M seq read QD4" in todo:
-            rows.append(interleave("cold 1M seq read QD4", lambda w: fio(
-                w, cold, work, "read", "1M", 4, None), a.repeat, True))
+            rows.append(cold_fio("cold 1M seq read QD4", cold, work, "read", "1M", 4, None,
+                                 a.repeat, a.warmup))
         if any(w.startswith("relayout") for w in todo):
             frag = work / "frag.qcow2"
             if not frag.exists():

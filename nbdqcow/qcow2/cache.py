@@ -52,6 +52,10 @@ class TableCache:
         self._insert(offset, t)
         return t
 
+    def in_memory(self, offset: int) -> bool:
+        """True when ``get(offset)`` would not read the file."""
+        return offset in self._tables or offset in self._ghosts
+
     def get_cached(self, offset: int) -> array[int] | None:
         """The table if it is cached (no load, no LRU update): for hot paths."""
         return self._tables.get(offset)

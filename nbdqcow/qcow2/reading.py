@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from nbdqcow.block.ranges import check_range
 from nbdqcow.block.zeros import fill_zero
+from nbdqcow.errors import WouldBlock
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.compressed import decompress_cluster
 from nbdqcow.qcow2.core import COPIED, OFF_MASK, ZERO_FLAG, Qcow2Core
@@ -16,16 +17,31 @@ class Qcow2Reader(Qcow2Core):
     """Reads (see core.py for the layering)."""
 
     # ------------------------------------------------------------------ reading
-    def _locate(self, offset: int, length: int) -> tuple[int | None, list[Run]]:
+    def _locate(self, offset: int, length: int, nowait: bool = False
+                ) -> tuple[int | None, list[Run]]:
         """(host, []) when [offset, offset+length) reads from one contiguous run of host
-        data, else (None, its runs).  Call with the lock held."""
+        data, else (None, its runs).  ``nowait``: raise WouldBlock rather than read an
+        L2 table from the file (the caller is an event loop).  Call with the lock held."""
         host = self._fast_host(offset, length)
         if host is not None:
             return host, []
+        if nowait and not self._tables_in_memory(offset, length):
+            raise WouldBlock("qcow2 L2 table not in memory")
         runs = list(self.runs(offset, length))
         if len(runs) == 1 and runs[0][2] is SC.NORMAL:
             return runs[0][3], []
         return None, runs
+
+    def _tables_in_memory(self, offset: int, length: int) -> bool:
+        """True when every L2 table mapping [offset, offset+length) is in memory (or
+        not allocated): mapping the range reads nothing from the file."""
+        l1, in_memory = self.l1, self.l2_cache.in_memory
+        last = min((offset + length - 1) >> self._l1_shift, len(l1) - 1)
+        for i in range(offset >> self._l1_shift, last + 1):
+            table = l1[i] & L.L1E_OFFSET_MASK
+            if table and not in_memory(table):
+                return False
+        return True
 
     def pread(self, offset: int, length: int) -> bytes:
         check_range(self._size, offset, length)
@@ -44,7 +60,7 @@ class Qcow2Reader(Qcow2Core):
         length = len(buf)
         check_range(self._size, offset, length)
         with self._lock:
-            host, runs = self._locate(offset, length)
+            host, runs = self._locate(offset, length, nowait)
             if host is None:
                 self._read_into(buf, offset, runs, nowait=nowait)
                 return
@@ -62,7 +78,10 @@ class Qcow2Reader(Qcow2Core):
         if offset + length > self._size:
             return None
         with self._lock:
-            host, _ = self._locate(offset, length)
+            try:  # asked on the event loop: never read metadata here
+                host, _ = self._locate(offset, length, True)
+            except WouldBlock:
+                return None
         if host is None:
             return None
         if self.data_file is self.file and host + length > self._file_size:

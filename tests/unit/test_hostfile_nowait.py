@@ -76,3 +76,42 @@ def test_a_file_system_without_rwf_nowait_says_so() -> None:
                 assert buf == b"\x07" * 4096  # this kernel's tmpfs supports it
         finally:
             f.close()
+
+
+def test_qcow2_nowait_reads_never_load_l2_tables(tmp_path: Path) -> None:
+    """On the event loop (nowait) a qcow2 read whose L2 table is not in memory raises
+    WouldBlock and host_extent says None, even with the data in the page cache: loading
+    the table would read the file there.  A blocking read loads it; then both work."""
+    import subprocess
+
+    from tooling import require_tool
+
+    from nbdqcow.qcow2 import layout as L
+    from nbdqcow.qcow2.driver import Qcow2Driver
+
+    require_tool("qemu-img")
+    require_tool("qemu-io")
+    img = tmp_path / "d.qcow2"
+    # 4 KiB clusters: one L2 table maps 2 MiB, so these writes use several tables
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
+                    str(img), "16M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 64k",
+                    "-c", "write -P 0x6b 9M 64k", str(img)], check=True, capture_output=True)
+    d = Qcow2Driver.open(str(img), writable=False, backing=lambda *a, **k: None)
+    try:
+        os.pread(d.file.fd, 1 << 24, 0)  # the whole file in the page cache
+        d.l2_cache.clear()
+        buf = bytearray(4096)
+        with pytest.raises(WouldBlock):
+            d.preadinto(9 << 20, memoryview(buf), nowait=True)
+        assert d.host_extent(9 << 20, 4096) is None
+        assert not d.l2_cache.in_memory(d.l1[(9 << 20) >> d._l1_shift] & L.L1E_OFFSET_MASK)
+        assert d.pread(9 << 20, 4096) == b"\x6b" * 4096  # blocking: loads the table
+        d.preadinto(9 << 20, memoryview(buf), nowait=True)
+        assert buf == b"\x6b" * 4096
+        assert d.host_extent(9 << 20, 4096) is not None
+        # a range whose L2 table is not allocated at all needs no table: zeros at once
+        d.preadinto(5 << 20, memoryview(buf), nowait=True)
+        assert buf == bytes(4096)
+    finally:
+        d.close()
