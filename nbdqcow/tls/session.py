@@ -144,6 +144,10 @@ def _ssl_reason(e: ssl.SSLError) -> str:
     return f"{text}: {verify}" if verify else text
 
 
+#: the largest plaintext of one TLS record
+_RECORD = 16 * 1024
+
+
 class OpenSslSession:
     """pyOpenSSL's ``Connection`` on memory BIOs (``Connection(ctx, None)``)."""
 
@@ -155,9 +159,24 @@ class OpenSslSession:
         self._SSL = SSL
         self._conn = conn
         self._identity = identity
+        # the size of the outgoing BIO (cryptography's binding; pyOpenSSL has no call
+        # for it): take() reads exactly that, instead of a 1 MiB buffer and an
+        # exception per call
+        self._out_pending: Callable[[], int] | None = None
+        try:
+            from cryptography.hazmat.bindings.openssl.binding import Binding
+
+            lib: Any = Binding.lib
+            bio = conn._from_ssl
+            self._out_pending = lambda: int(lib.BIO_ctrl_pending(bio))
+        except (ImportError, AttributeError):
+            pass
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._conn.bio_write(bytes(data))
+        try:
+            self._conn.bio_write(data)  # any buffer (cffi from_buffer): no copy here
+        except TypeError:  # an older pyOpenSSL that takes bytes only
+            self._conn.bio_write(bytes(data))
 
     def handshake(self) -> bool:
         SSL = self._SSL
@@ -177,7 +196,9 @@ class OpenSslSession:
         size, got = len(buf), 0
         try:
             while got < size:
-                n = recv_into(buf[got:] if got else buf, size - got)
+                # pyOpenSSL reads through a temporary buffer of the size asked for: ask
+                # for one record (16 KiB at most), not for the whole request
+                n = recv_into(buf[got:] if got else buf, min(size - got, _RECORD))
                 if n <= 0:
                     break
                 got += n
@@ -205,8 +226,11 @@ class OpenSslSession:
             raise TlsError(_openssl_reason(e)) from None
 
     def take(self) -> bytes:
+        if self._out_pending is not None:
+            n = self._out_pending()
+            return bytes(self._conn.bio_read(n)) if n else b""
         SSL = self._SSL
-        n = self._conn.pending_bio() if hasattr(self._conn, "pending_bio") else 0
+        n = 0
         chunks = []
         while True:
             try:
@@ -219,7 +243,8 @@ class OpenSslSession:
         return b"".join(chunks)
 
     def pending(self) -> int:
-        return 0  # not known without the BIO: every flush take()s what there is
+        # not known without the binding: then every flush take()s what there is
+        return self._out_pending() if self._out_pending is not None else 0
 
     def close(self) -> None:
         SSL = self._SSL
