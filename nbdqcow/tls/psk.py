@@ -20,6 +20,13 @@ from nbdqcow.tls.session import OpenSslSession, TlsError
 
 #: TLS 1.2 suites (GnuTLS's "+ECDHE-PSK:+DHE-PSK:+PSK" in qemu's PSK priority)
 PSK_CIPHERS = b"ECDHE-PSK:DHE-PSK:PSK:!NULL:!3DES"
+#: TLS 1.3 suites in the server's order of preference when the CPU has AES
+#: instructions.  A PSK from OpenSSL's PSK callbacks is bound to SHA-256, which leaves
+#: AES-128-GCM and ChaCha20-Poly1305; GnuTLS clients list ChaCha20 first, and OpenSSL
+#: would follow them: with AES-NI that costs both ends several times the CPU per byte
+#: (nbdcopy over PSK: 2.5 s of client CPU per GiB against 0.5 s with AES-GCM).
+#: Every suite stays enabled: a client that offers only ChaCha20 still gets it.
+PSK_SUITES_AES_FIRST = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 #: The ffdhe2048 group of RFC 7919 (a published constant, as ``certtool --get-dh-params``
 #: prints it): the DH parameters used when ``dir`` has no ``dh-params.pem``, as GnuTLS
@@ -66,6 +73,19 @@ def read_psk_file(path: str) -> dict[str, bytes]:
         except (ValueError, binascii.Error):
             raise TlsError(f"{path}:{n}: not a 'username:hexkey' line") from None
     return keys
+
+
+def _aes_instructions() -> bool:
+    """The CPU has AES instructions (x86 ``aes`` flag, arm64 ``aes`` feature)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
 
 
 def _binding() -> tuple[Any, Any]:
@@ -129,6 +149,9 @@ class PskContext:
         raw = ctx._context  # the SSL_CTX* pyOpenSSL wraps
         if server:
             load_dh(ctx, dh_params)
+            if _aes_instructions() and getattr(lib, "SSL_CTX_set_ciphersuites", None):
+                lib.SSL_CTX_set_ciphersuites(raw, PSK_SUITES_AES_FIRST)
+                ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
             self._cb = ffi.callback(
                 "unsigned int(SSL *, char *, unsigned char *, unsigned int)",
                 self._server_cb, error=0)
