@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -69,13 +70,32 @@ class Served:
         return int(self.proc.returncode)
 
 
+def unix_listening(path: Path) -> bool:
+    """True once a socket bound to ``path`` listens (/proc/net/unix: flag __SO_ACCEPTCON).
+    The file exists from bind(); a client connecting before listen() is refused, and
+    qemu-nbd binds the final name directly: under load that window is long enough."""
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return path.exists()
+    want = str(path)
+    for line in lines:
+        fields = line.split()
+        # nbdqcow binds PATH.PID.tmp and renames it once listening: the table keeps the
+        # name bound
+        if (len(fields) >= 8 and int(fields[3], 16) & 0x10000
+                and re.fullmatch(re.escape(want) + r"(\.\d+\.tmp)?", fields[7])):
+            return path.exists()
+    return False
+
+
 def _wait_ready(proc: subprocess.Popen[bytes], sock: Path | None, port: int | None,
-                log: Path, timeout: float = 15) -> None:
+                log: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"server exited early ({proc.returncode}): {log.read_text()[-2000:]}")
-        if sock is not None and sock.exists():
+        if sock is not None and unix_listening(sock):
             return
         if port is not None:
             try:

@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from nbdqcow.server.budget import DEFAULT_LIMIT, MemoryBudget
 from nbdqcow.server.exports import Export
 from nbdqcow.server.protocol import NbdProtocol
 from nbdqcow.server.ringio import close_ring
+from nbdqcow.server.workers import STOP_SIGNALS, block_stop_signals
 
 if TYPE_CHECKING:  # ssl is imported only when TLS is used
     from nbdqcow.tls.authz import Authz
@@ -269,6 +271,8 @@ class NbdServer:
         self, listeners: Sequence[socket.socket], ready: Callable[[], None] | None = None
     ) -> None:
         loop = asyncio.get_running_loop()
+        # run_in_executor's threads must not take SIGTERM/SIGINT either (see below)
+        loop.set_default_executor(ThreadPoolExecutor(initializer=block_stop_signals))
         self._done = asyncio.Event()
         for sock in listeners:
             if sock.family == socket.AF_UNIX:
@@ -296,9 +300,11 @@ class NbdServer:
             await self._done.wait()
         finally:
             # from here on the server is ending: a SIGTERM/SIGINT must not kill it while
-            # it flushes and closes the images; removing the loop's handler restores the
-            # default action (death), so ignore them at once, not after asyncio.run's
-            # teardown
+            # it flushes and closes the images.  Removing the loop's handler restores the
+            # default action (death) until SIG_IGN replaces it, so first hold the signals
+            # off in this thread (helper threads never take them): one arriving meanwhile
+            # stays pending, and SIG_IGN discards it
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, _ignore)
@@ -306,7 +312,9 @@ class NbdServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
+                with contextlib.suppress(ValueError):
                     signal.signal(sig, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     async def shutdown(self) -> None:
         for srv in self.servers:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,16 @@ from typing import Any
 MAX_THREADS = 64
 
 Job = tuple[Callable[[], Any], Callable[[Any], None], asyncio.AbstractEventLoop]
+
+#: the signals that stop the server: only the event loop's thread takes them
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def block_stop_signals() -> None:
+    """Keep SIGTERM/SIGINT away from the calling (helper) thread: the kernel then hands
+    them to the event loop's thread, which can hold them off while the server ends
+    (with the default action, one delivered to any thread kills the process)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 class Workers:
@@ -47,6 +58,7 @@ class Workers:
                                      daemon=True).start()
 
     def _work(self) -> None:
+        block_stop_signals()
         jobs = self._jobs
         while True:
             self._idle += 1
