@@ -88,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="same as --cache=none")
     a("--aio", choices=("threads", "native", "io_uring"), default="threads",
       help="accepted for compatibility")
+    a("-T", "--trace", action="append", default=[], metavar="PATTERN",
+      help="accepted for compatibility (qemu's trace events; nbdqcow has none)")
     a("--fork", action="store_true", help="fork into the background once ready")
     a("--pid-file", metavar="PATH", help="write the server's pid here")
     a("-v", "--verbose", action="count", default=0,

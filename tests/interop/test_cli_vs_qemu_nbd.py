@@ -122,3 +122,16 @@ def test_list_without_a_server_says_where_like_qemu_nbd(tmp_path: Path) -> None:
     assert ours.returncode == theirs.returncode == 1
     assert ours.stderr.split(": ", 1)[1] == theirs.stderr.split(": ", 1)[1], (ours.stderr,
                                                                              theirs.stderr)
+
+
+@pytest.mark.parametrize("trace", [["-T", "nbd_*"], ["--trace=enable=nbd_negotiate*"],
+                                   ["--trace", "events=/dev/null"]])
+def test_trace_option_accepted_like_qemu_nbd(image: Path, trace: list[str], nbdqcow_server,
+                                             qemu_nbd_server) -> None:
+    """Scripts that pass qemu-nbd's -T/--trace keep working (the events are qemu's own;
+    nbdqcow accepts the option and prints nothing for it)."""
+    for start in (nbdqcow_server, qemu_nbd_server):
+        srv = start(image, "-t", "-r", *trace)
+        res = subprocess.run(["nbdinfo", "--size", srv.uri], capture_output=True, text=True,
+                             timeout=30)
+        assert res.stdout.strip() == str(64 << 20), res.stderr
