@@ -551,7 +551,7 @@ class Dispatcher:
             self._fail(req, NBD_EINVAL, "read past the end of the export")
             return
         read = self._read_structured if self.structured else self._read_simple
-        if n < INLINE_LIMIT and not self.export.tracker.ops:  # the common case, directly
+        if n < INLINE_LIMIT and not self.export.tracker.writes:  # the common case, directly
             self._read_small(req, read)
             return
         if n < INLINE_LIMIT and self._cold:  # cold data: never wait for the disk here

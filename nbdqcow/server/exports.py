@@ -29,20 +29,26 @@ class RangeTracker:
     """
 
     def __init__(self) -> None:
-        self.ops: list[tuple[int, int, bool, asyncio.Future[None]]] = []
+        self.ops: dict[asyncio.Future[None], tuple[int, int, bool]] = {}
+        self.writes = 0  # tracked requests that write (reads conflict only with these)
 
     def conflicts(self, start: int, end: int, write: bool) -> list[asyncio.Future[None]]:
+        if not write and not self.writes:
+            return []
         return [
             fut
-            for s, e, w, fut in self.ops
+            for fut, (s, e, w) in self.ops.items()
             if (w or write) and s < end and start < e and not fut.done()
         ]
 
     def add(self, start: int, end: int, write: bool, fut: asyncio.Future[None]) -> None:
-        self.ops.append((start, end, write, fut))
+        self.ops[fut] = (start, end, write)
+        self.writes += write
 
     def remove(self, fut: asyncio.Future[None]) -> None:
-        self.ops = [op for op in self.ops if op[3] is not fut]
+        op = self.ops.pop(fut, None)
+        if op is not None and op[2]:
+            self.writes -= 1
 
 
 @dataclass
