@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from nbdqcow import __version__
 from nbdqcow.block.locking import ImageLocked
+from nbdqcow.cli.numpy_extras import defer
 from nbdqcow.errors import ImageError, ImageOpenError, NbdqcowError
 
 # subcommand modules, in help order, with their one-line help: a command line imports
@@ -126,6 +127,7 @@ def _naming_the_file(args: argparse.Namespace, e: NbdqcowError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    defer()  # numpy's unused parts are imported only if used (start-up time)
     args = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args if not a.startswith("-")), None)
     return run(args, build_parser(command if command in _COMMANDS else ""))
@@ -133,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def qemu_nbd_main(argv: Sequence[str] | None = None) -> int:
     """Entry point ``nbdqcow-nbd``: qemu-nbd's command line, no subcommand."""
+    defer()
     from nbdqcow.cli.serve import add_arguments
 
     parser = QemuStyleParser(prog="nbdqcow-nbd")
