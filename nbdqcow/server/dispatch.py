@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from nbdqcow.block.cachestat import cached
-from nbdqcow.block.driver import DirtyBitmapSource, DirtyRun, Extent
+from nbdqcow.block.driver import BlockDriver, DirtyBitmapSource, DirtyRun, Extent
 from nbdqcow.block.zeros import ZERO_CHUNK, ZEROS, ZEROV
 from nbdqcow.errors import (
     NBD_EINVAL,
@@ -106,6 +106,8 @@ BLOCK_STATUS_INLINE = 8 * 1024 * 1024
 #: is left to the client's next request, as the NBD spec allows
 MAX_BITMAP_RUNS = 128 * 1024
 _EVERYTHING = 1 << 64
+#: NBD_CMD_CACHE copies backing data up in pieces of this size
+COPY_ON_READ_CHUNK = 1 << 20
 #: small structured READs whose data holds a zero sector ask block status for holes
 SECTOR = 512
 ZEROS_SECTOR = bytes(SECTOR)
@@ -125,6 +127,31 @@ _ZERO = int(StateFlag.ZERO)
 def _with_data(reply: Reply, data: bytes | bytearray) -> Reply:
     """``reply`` as it goes out: Leased when ``data`` is a pooled buffer."""
     return Leased(reply, data) if isinstance(data, bytearray) else reply
+
+
+def copy_on_read(drv: BlockDriver, off: int, n: int) -> None:
+    """NBD_CMD_CACHE on a writable export, as qemu-nbd does it (copy-on-read): what
+    [off, off+n) reads through the backing chain is written into the image itself, so
+    later reads no longer go down the chain (zeros as a zero write: qemu-nbd 7.2 writes
+    clusters full of zeros).  Ranges the image holds already are left alone; so is an
+    image without a backing file."""
+    pos, end = off, off + n
+    while pos < end:
+        for e in drv.block_status(pos, end - pos):
+            s, t = max(e.start, pos), min(e.start + e.length, end)
+            if t <= s:
+                continue
+            if e.depth > 0:  # from a backing file, or from none below one
+                for p in range(s, t, COPY_ON_READ_CHUNK):
+                    k = min(COPY_ON_READ_CHUNK, t - p)
+                    data = drv.pread(p, k)
+                    if drv.caps.write_zeroes and is_zero(data):
+                        drv.write_zeroes(p, k, False, False)
+                    else:
+                        drv.pwrite(data, p)
+            pos = t
+            if pos >= end:
+                break
 
 
 def is_zero(data: Buffer) -> bool:
@@ -854,10 +881,21 @@ class Dispatcher:
         self._run(req, 0, _EVERYTHING, True, fn, False)
 
     def _cache(self, req: Request) -> None:
-        if req.offset + req.length > self.size:
+        off, n = req.offset, req.length
+        if off + n > self.size:
             self._fail(req, NBD_EINVAL, "cache request past the end of the export")
             return
-        self.send([self.enc.ok(req.cookie, req.offset)])
+        if not (self.writable and self.caps.block_status and n):
+            self.send([self.enc.ok(req.cookie, off)])
+            return
+        drv, enc, cookie = self.driver, self.enc, req.cookie
+
+        def fn() -> Reply:
+            copy_on_read(drv, off, n)
+            return [enc.ok(cookie, off)]
+
+        # ordered like a write: a client write to the range is never undone by it
+        self._run(req, off, off + n, True, fn, False)
 
     def _block_status(self, req: Request) -> None:
         off, n = req.offset, req.length

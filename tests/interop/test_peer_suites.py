@@ -305,3 +305,75 @@ def test_unaligned_raw_file_info_and_map_as_qemu_img(tmp_path: Path) -> None:
             assert a["virtual-size"] == b["virtual-size"] == 1024
         else:
             assert ours.stdout == ref.stdout
+
+
+def _backed_pair(d: Path) -> tuple[Path, Path]:
+    base, top = d / "base.qcow2", d / "top.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M")
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0xa5 0 3M", "-c", "write -z 3M 1M",
+         "-c", "write -P 0x11 6M 512k", str(base))
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top),
+         "8M")
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 1M 64k", str(top))
+    return base, top
+
+
+def _raw(img: Path) -> bytes:
+    out = img.with_suffix(".raw")
+    qemu("qemu-img", "convert", "-O", "raw", str(img), str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def _top_map(top: Path) -> list[tuple[int, int, int, bool, bool]]:
+    import json
+    res = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(top)],
+                         capture_output=True, text=True, check=True)
+    return [(e["start"], e["length"], e["depth"], e["zero"], e["data"])
+            for e in json.loads(res.stdout)]
+
+
+def test_cache_copies_backing_data_up_like_qemu_nbd(tmp_path: Path) -> None:
+    """NBD_CMD_CACHE on a writable export copies what the backing file provides into the
+    image (qemu-nbd's copy-on-read): afterwards qemu-img map shows the cached range at
+    depth 0, the same runs as qemu-nbd leaves, and the data did not change."""
+    require_tool("qemu-img")
+    maps = {}
+    for which in SERVERS:
+        d = tmp_path / which
+        d.mkdir()
+        base, top = _backed_pair(d)
+        before = _raw(top)
+        h = activated(which, "-f", "qcow2", str(top))
+        h.cache(6 << 20, 0)
+        assert h.pread(8 << 20, 0) == before
+        h.shutdown()
+        del h
+        assert _raw(top) == before
+        maps[which] = _top_map(top)
+        qemu("qemu-img", "check", str(top))
+    # the same allocation depth everywhere; zero ranges are zero clusters with nbdqcow
+    # (qemu-nbd 7.2 writes clusters of zeros), so zero/data flags are not compared
+    depths = {which: merge_depths(m) for which, m in maps.items()}
+    assert depths["nbdqcow"] == depths["qemu-nbd"] == [(0, 6 << 20, 0), (6 << 20, 2 << 20, 1)]
+
+
+def merge_depths(m: list[tuple[int, int, int, bool, bool]]) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for start, length, depth, *_ in m:
+        if out and out[-1][2] == depth and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length, depth)
+        else:
+            out.append((start, length, depth))
+    return out
+
+
+def test_cache_on_read_only_export_changes_nothing(tmp_path: Path) -> None:
+    require_tool("qemu-img")
+    _, top = _backed_pair(tmp_path)
+    before = _top_map(top)
+    h = activated("nbdqcow", "-r", "-f", "qcow2", str(top))
+    h.cache(8 << 20, 0)  # qemu-nbd 7.2 answers EPERM here (and logs a refcount error)
+    h.shutdown()
+    assert _top_map(top) == before
