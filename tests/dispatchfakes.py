@@ -28,6 +28,7 @@ class Driver:
         self.delay = 0.0
         self.flushes = 0
         self.nowait = True  # False: a file system without RWF_NOWAIT (tmpfs)
+        self.in_place = True  # False: writes would allocate (qcow2 clusters)
 
     @property
     def size(self) -> int:
@@ -41,6 +42,9 @@ class Driver:
 
     def flush(self) -> None:
         self.flushes += 1
+
+    def writes_in_place(self, offset: int, length: int) -> bool:
+        return self.in_place
 
     def pread(self, offset: int, length: int) -> bytes:
         self.threads.append(threading.current_thread().name)

@@ -175,6 +175,8 @@ class HostFile:
             if not self.direct:
                 self.sync_error = e
             raise
+        if self.write_behind is not None:
+            self.write_behind.synced()
 
     # --- size and space --------------------------------------------------------------
     def size(self) -> int:

@@ -87,6 +87,11 @@ class RawDriver:
     def _check_write(self, offset: int, length: int) -> None:
         check_write(self._caps.writable, self._size, offset, length)
 
+    def writes_in_place(self, offset: int, length: int) -> bool:
+        """A write here only copies into the page cache (no metadata to update), unless
+        the file is opened with O_DIRECT."""
+        return not self.file.direct
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
         self._check_write(offset, len(data))
         if self._guard is not None and offset < SECTOR:

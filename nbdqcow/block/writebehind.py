@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 #: ranges handed to the disk: aligned chunks of the host file, once fully written
@@ -27,6 +28,10 @@ MIN_WRITE = 64 * 1024
 #: chunks waiting for the thread at most (more: the disk is behind; the kernel's own
 #: writeback and the final fsync take the rest)
 MAX_QUEUED = 8
+#: a chunk kicked less than this many seconds ago (and not synced since) is not kicked
+#: again: rewritten over and over, it is left to the kernel and the next sync, so no
+#: page is written back more often than the kernel's own dirty expiry (30 s) would
+COOLDOWN = 30.0
 
 Kick = Callable[[int, int], None]
 
@@ -68,11 +73,19 @@ _THREAD = _Thread()
 
 
 class WriteBehind:
-    """Counts the bytes written into each chunk of one file; a full chunk is kicked."""
+    """Counts the bytes written into each chunk of one file; a full chunk is kicked --
+    once between two syncs, or again after COOLDOWN seconds: a client that rewrites the
+    same range over and over without a flush (a benchmark, a scratch area) would else
+    have it written to the disk over and over, for nothing."""
 
     def __init__(self, chunk: int = CHUNK) -> None:
         self.chunk = chunk
         self._filled: dict[int, int] = {}
+        self._kicked: dict[int, float] = {}  # chunk -> when it was kicked
+
+    def synced(self) -> None:
+        """Everything written so far is on the disk: chunks may be kicked again."""
+        self._kicked.clear()
 
     def wrote(self, offset: int, n: int, kick: Kick) -> None:
         """``n`` bytes were written at ``offset`` (the caller skips small writes);
@@ -86,7 +99,10 @@ class WriteBehind:
             got = filled.get(c, 0) + k
             if got >= chunk:
                 filled.pop(c, None)
-                _THREAD.put(kick, c * chunk, chunk)
+                now = time.monotonic()
+                if now - self._kicked.get(c, -COOLDOWN) >= COOLDOWN:
+                    self._kicked[c] = now
+                    _THREAD.put(kick, c * chunk, chunk)
             else:
                 filled[c] = got
             offset += k

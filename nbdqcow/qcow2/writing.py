@@ -51,6 +51,16 @@ class Qcow2Writer(Qcow2Reader):
         if fua:
             self.flush()
 
+    def writes_in_place(self, offset: int, length: int) -> bool:
+        """True when a write of [offset, offset+length) would only copy data into one
+        contiguous run of clusters this image owns: no allocation, no metadata change,
+        so nothing that may wait for a sync (the server then runs it on its event
+        loop)."""
+        if not self.writable or self.corrupt or length <= 0 or offset + length > self._size:
+            return False
+        with self._lock:
+            return self._inplace_range(offset, length) is not None
+
     def _inplace_range(self, offset: int, n: int) -> int | None:
         """Host offset when all of [offset, offset+n) can be written in place at one
         contiguous host range with no metadata change, else None."""
@@ -69,7 +79,10 @@ class Qcow2Writer(Qcow2Reader):
         if host is None:
             return None
         if not self.header.has_data_file and host + n > self._file_size:
-            return None  # the slow path extends the file (and re-checks sizes)
+            # the known size may be stale: clusters allocated since lie past it
+            self._file_size = self.file.size()
+            if host + n > self._file_size:
+                return None  # the slow path extends the file (and re-checks sizes)
         if self._overlaps_metadata(host, n):
             return None  # the slow path marks the image corrupt
         return host

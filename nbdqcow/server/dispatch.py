@@ -315,6 +315,9 @@ class Dispatcher:
         self._nowait_skip = 0
         self._cold = 0  # > 0: small READs try RWF_NOWAIT first (see COLD_READ_NS)
         self._big_inline = export.cache in BIG_WRITE_CACHES
+        # drivers that can tell a write needs no allocation (qcow2, raw); others: thread
+        self._in_place: Callable[[int, int], bool] | None = getattr(
+            export.driver, "writes_in_place", None)
         self._slow = 0  # > 0: large WRITEs go to the writer thread (see SLOW_WRITE_NS)
         self._probe_in = 0  # cold READs to send to the ring before the next RWF_NOWAIT try
         self._ring: _RingRef | None = _RingRef(loop)  # None: no io_uring here
@@ -788,7 +791,7 @@ class Dispatcher:
                     drv.flush()
             return [enc.ok(cookie, off)]
 
-        if n < INLINE_LIMIT or fua or not self._write_here(n):
+        if n < INLINE_LIMIT or fua or not self._write_here(off, n):
             self._run(req, off, off + n, True, fn, n < INLINE_LIMIT and not fua)
             return
 
@@ -802,16 +805,18 @@ class Dispatcher:
 
         self._run(req, off, off + n, True, timed, True)
 
-    def _write_here(self, n: int) -> bool:
-        """A large WRITE without FUA: on the event loop (a copy into the page cache) up
-        to BIG_WRITE_MAX bytes, unless a recent one there was slow (then SLOW_SPAN go to
-        the writer thread)."""
-        if not self._big_inline or n > BIG_WRITE_MAX:
+    def _write_here(self, off: int, n: int) -> bool:
+        """A large WRITE without FUA: on the event loop when it only copies into the
+        page cache (the driver says it needs no allocation: an allocating write may
+        have to sync metadata), up to BIG_WRITE_MAX bytes, unless a recent one there
+        was slow (then SLOW_SPAN go to the writer thread)."""
+        probe = self._in_place
+        if not self._big_inline or n > BIG_WRITE_MAX or probe is None:
             return False
         if self._slow:
             self._slow -= 1
             return False
-        return True
+        return probe(off, n)
 
     def _zero(self, off: int, n: int, may_unmap: bool, fast: bool) -> None:
         drv = self.driver

@@ -59,6 +59,19 @@ def test_very_large_write_goes_to_the_writer_thread() -> None:
     asyncio.run(main())
 
 
+def test_allocating_write_goes_to_the_writer_thread() -> None:
+    async def main() -> None:
+        drv, replies = Driver(8 * MiB), []  # type: ignore[var-annotated]
+        drv.in_place = False  # it would allocate (and may sync metadata)
+        d = dispatcher("writeback", drv, replies)
+        d.handle(write(1, 0, b"\3" * MiB))
+        assert replies == []
+        await settle(replies, 1)
+        assert drv.threads[0] != threading.current_thread().name
+
+    asyncio.run(main())
+
+
 def test_fua_write_goes_to_the_writer_thread() -> None:
     async def main() -> None:
         drv, replies = Driver(8 * MiB), []  # type: ignore[var-annotated]

@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from nbdqcow.block import writebehind
 from nbdqcow.block.hostfile import HostFile
 from nbdqcow.block.writebehind import MIN_WRITE, WriteBehind
@@ -102,3 +104,21 @@ def test_host_files_stream_their_large_writes(tmp_path: Path) -> None:
         g.start_writeback(0, MiB)  # the real call, on a clean file: harmless
     finally:
         g.close()
+
+
+def test_a_rewritten_chunk_is_kicked_again_only_after_a_sync_or_the_cooldown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(writebehind.time, "monotonic", lambda: now[0])
+    kicks, wb = Kicks(), WriteBehind(chunk=MiB)
+    for _ in range(3):  # a benchmark rewriting the same range without a flush
+        wb.wrote(0, MiB, kicks)
+    assert kicks.wait(1) == [(0, MiB)]
+    wb.synced()  # a FLUSH: what comes next is new work for the disk
+    wb.wrote(0, MiB, kicks)
+    assert kicks.wait(2) == [(0, MiB), (0, MiB)]
+    wb.wrote(0, MiB, kicks)
+    now[0] += writebehind.COOLDOWN
+    wb.wrote(0, MiB, kicks)
+    assert kicks.wait(3) == [(0, MiB)] * 3
