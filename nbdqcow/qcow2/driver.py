@@ -57,17 +57,25 @@ class Qcow2Driver(Qcow2Compressor):
         return self._meta_prealloc
 
     def _count_refcounted(self) -> bool:
+        """Whether at least ~10 % more clusters are refcounted than the file allocates;
+        counted a refcount block at a time (stops at the block that reaches it)."""
+        import numpy as np
+
         cs = self.geo.cluster_size
         real_clusters = self.file.allocated_bytes() // cs
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         nb_clusters = self.geo.size_to_clusters(self.file.size())
+        per = self.geo.refcount_block_entries
         rc = self.refcounts
         count = 0
-        for c in range(nb_clusters):
-            if rc.get(c) > 0:
-                count += 1
-                if count >= threshold:
-                    break
+        for rti in range((nb_clusters + per - 1) // per):
+            blk = rc.block(rti)
+            if blk is None:
+                continue
+            n = min(per, nb_clusters - rti * per)
+            count += int(np.count_nonzero(np.frombuffer(blk, dtype=blk.typecode)[:n]))
+            if count >= threshold:
+                break
         return count >= threshold
 
     def _block_status(self, offset: int, length: int) -> list[Extent]:

@@ -80,6 +80,12 @@ class Refcounts:
             return 0
         return self.table[rti] & L.REFT_OFFSET_MASK
 
+    def block(self, rti: int) -> array[int] | None:
+        """The refcounts of the clusters refcount table entry ``rti`` covers (one item
+        per cluster; live, do not change it); None when no block is allocated."""
+        off = self._block_offset(rti)
+        return self.cache.get(off) if off else None
+
     def get(self, cluster: int) -> int:
         off = self._block_offset(cluster >> self._bits)
         if not off:
