@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import threading
+from typing import Any
 
 from nbdqcow.block.locking import LockMode, acquire
 from nbdqcow.block.writebehind import MIN_WRITE, WriteBehind
@@ -17,21 +17,35 @@ _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 8)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
 _SYNC_FILE_RANGE_WRITE = 2
 #: copy_file_range errors after which a copy goes through a buffer instead
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
                              errno.EBADF, errno.ETXTBSY})
 _COPY_BUFFER = 1 << 20
 
+
+@functools.cache
+def _libc() -> tuple[Any, Any]:
+    """libc's (fallocate, sync_file_range or None) through ctypes, loaded on first use
+    (ctypes.util.find_library runs ldconfig: every command would pay it at start-up)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fallocate = libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    sync_file_range = getattr(libc, "sync_file_range", None)
+    if sync_file_range is not None:
+        sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        sync_file_range.restype = ctypes.c_int
+    return fallocate, sync_file_range
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2) with flags (os.posix_fallocate has none): 0, or -1 with the error in
+    ctypes' errno."""
+    return int(_libc()[0](fd, mode, offset, length))
 
 def pread_full(fd: int, length: int, offset: int) -> bytes:
     """``length`` bytes of ``fd`` at ``offset``; past the end of the file they read as
@@ -160,8 +174,9 @@ class HostFile:
         durable, only sooner).  Does nothing where the call is missing, or once the file
         is closed (write-behind may call it late from its thread)."""
         fd = self.fd
-        if _sync_file_range is not None and length > 0 and fd >= 0:
-            _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        sync_file_range = _libc()[1]
+        if sync_file_range is not None and length > 0 and fd >= 0:
+            sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def sync(self) -> None:
         if not self.syncs:
@@ -192,6 +207,8 @@ class HostFile:
         if length <= 0:
             return
         if _fallocate(self.fd, mode, offset, length) != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
