@@ -205,8 +205,7 @@ def _copy_standard(src: Qcow2Driver, dst: Qcow2Driver, data_offset: int,
             progress(total * done // max(1, to_copy), total)
 
     # unsafe (nothing synced): the page cache takes the new data at once, no disk wait
-    copy_pieces(src.data_file, dst.file, merge_pieces(pieces), bar,
-                direct=None if dst.file.syncs else False)
+    copy_pieces(src.data_file, dst.file, merge_pieces(pieces), bar, direct=dst.file.syncs)
 
 
 def _copy_data(src: Qcow2Driver, dst: Qcow2Driver, guest: int, n: int, host: int,

@@ -1,22 +1,23 @@
 """The data copy of relayout: plain data clusters from wherever they lie in the old file
 to guest + one constant in the new one.
 
-Two ways, chosen by where the old file's data is:
+Two ways:
 
-* in the page cache (the usual case right after use): the new file is written front to
-  back in :data:`CHUNK` pieces with O_DIRECT, each chunk gathered from the old file's
-  page cache into an aligned buffer, :data:`DIRECT_THREADS` chunks in flight.  The new
-  file's data never enters the page cache: no page-cache insertion, dirtying and
-  writeback for the kernel to do (half the CPU of a buffered copy), and the final sync
-  has no data left to write.
-* not in the page cache (cold): every piece by ``copy_file_range`` in the order of the
-  OLD file, so the disk reads it front to back even when every cluster is out of place
-  (not a seek per cluster); the new file is written into the page cache in scattered
-  order and the final sync writes it out in file order.
+* O_DIRECT (the default): the new file is written front to back in :data:`CHUNK`
+  pieces, each gathered from the old file into an aligned buffer, :data:`DIRECT_THREADS`
+  chunks in flight.  The new data never enters the page cache: no page-cache insertion,
+  dirtying and writeback for the kernel to do (half the CPU of a buffered copy), and
+  the final sync has no data left to write.  A cold old file is read with as many
+  reads in flight as there are threads: the disk serves scattered reads in parallel
+  faster than one pass in file order (measured on this machine's virtio disk: 3.8 s
+  against 10 s for 2 GiB with every cluster out of place).
+* through the page cache (``direct=False``: ``-t unsafe``, where nothing waits for the
+  disk; or where O_DIRECT is refused): every piece by ``copy_file_range`` (inside the
+  kernel, nothing passes through Python) in the order of the OLD file, two threads
+  taking one half each.
 
 Either way pieces in holes of the old file are left out (the new data area reads as
-zeros already), and where O_DIRECT is refused (a file system without it) the second
-way is taken.  O_DIRECT writes whole :data:`ALIGN` blocks; the unaligned ends of runs
+zeros already).  O_DIRECT writes whole :data:`ALIGN` blocks; the unaligned ends of runs
 (small clusters, the last partial cluster) go through the page cache after them.
 """
 
@@ -24,22 +25,21 @@ from __future__ import annotations
 
 import errno
 import mmap
-import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from nbdqcow.block.hostfile import HostFile
-from nbdqcow.errors import WouldBlock
 
 #: (offset in the old file, length, offset in the new file)
 Piece = tuple[int, int, int]
 Progress = Callable[[int, int], None]
 
-#: threads of the cold copy (two halves of the old file)
+#: threads of the copy through the page cache (two halves of the old file)
 THREADS = 2
-#: O_DIRECT chunks of the new file and how many are in flight
+#: O_DIRECT chunks of the new file and how many are in flight (their reads too: a cold
+#: disk served 8 scattered reads at a time in 3.8 s where 4 took 4.4 s)
 CHUNK = 4 << 20
-DIRECT_THREADS = 4
+DIRECT_THREADS = 8
 #: O_DIRECT writes offsets and lengths in whole blocks of this size (4096 serves disks
 #: with 512-byte and with 4096-byte sectors)
 ALIGN = 4096
@@ -77,15 +77,13 @@ def clip_to_data(pieces: list[Piece], data: list[tuple[int, int]]) -> Iterator[P
 
 def copy_pieces(src: HostFile, dst: HostFile, pieces: list[Piece],
                 progress: Progress | None = None, threads: int = THREADS,
-                direct: bool | None = None) -> int:
-    """Copy ``pieces`` from ``src`` to ``dst``; the bytes copied.  ``direct``: force the
-    O_DIRECT way (True) or the cold way (False); default: by the page cache."""
+                direct: bool = True) -> int:
+    """Copy ``pieces`` from ``src`` to ``dst``; the bytes copied.  ``direct``: the
+    O_DIRECT way (where the file system has it), else through the page cache."""
     data = [(s, n) for s, n, is_data in src.data_runs(0, src.size()) if is_data]
     todo = list(clip_to_data(sorted(pieces), data))
     total = sum(n for _, n, _ in todo)
     report = _Report(progress, total)
-    if direct is None:
-        direct = _mostly_cached(src, todo)
     out: HostFile | None = None
     if direct:
         try:
@@ -236,24 +234,6 @@ def _write_chunk(src: HostFile, out: HostFile, base: int, pieces: list[Piece],
         end = d + n
     out.pwrite(view[start - base:end - base], start)
     report(end - start)
-
-
-def _mostly_cached(src: HostFile, todo: list[Piece], samples: int = 64) -> bool:
-    """Whether (nearly) all of the old file's data to copy is in the page cache, judged
-    from a sample: a 4 KiB read at the start of each of ``samples`` pieces that may not
-    wait for the disk."""
-    if not todo:
-        return True
-    rng = random.Random(len(todo))
-    picks = rng.sample(todo, min(samples, len(todo)))
-    buf = memoryview(bytearray(4096))
-    missing = 0
-    for s, n, _ in picks:
-        try:
-            src.preadinto(buf[:min(n, 4096)], s, nowait=True)
-        except WouldBlock:
-            missing += 1
-    return missing * 10 <= len(picks)
 
 
 def _split(todo: list[Piece], total: int, n: int) -> list[list[Piece]]:

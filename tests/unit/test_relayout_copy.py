@@ -121,23 +121,6 @@ def test_copy_from_past_the_end_of_the_source_writes_zeros(tmp_path: Path,
     assert dst_path.read_bytes() == b"b" * 100 + b"a" * 2000 + bytes(2000) + b"b" * 4092
 
 
-def test_cached_or_cold_decides_windows_or_one_pass(tmp_path: Path) -> None:
-    from nbdqcow.qcow2.relayout_copy import _mostly_cached
-
-    path = tmp_path / "src"
-    path.write_bytes(os.urandom(256 * CS))
-    pieces = [(k * CS, CS, k * CS) for k in range(256)]
-    src = HostFile(str(path), writable=False)
-    try:
-        src.preadinto(memoryview(bytearray(256 * CS)), 0)  # all in the page cache
-        assert _mostly_cached(src, pieces)
-        os.fsync(src.fd)
-        os.posix_fadvise(src.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert not _mostly_cached(src, pieces)
-    finally:
-        src.close()
-
-
 def test_aligned_parts_of_runs_go_direct_and_their_ends_later() -> None:
     from nbdqcow.qcow2.relayout_copy import ALIGN, _aligned
 
