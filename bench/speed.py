@@ -22,7 +22,10 @@ Workloads (each against its qemu counterpart):
   ``relayout flushed``: the same against ``qemu-img convert -t writeback`` (qemu-img's
   default cache mode, ``unsafe``, never syncs the new image; relayout syncs it before
   the rename, as ``-t writeback`` syncs once at the end); ``relayout unsafe``:
-  ``nbdqcow relayout -t unsafe`` (nothing synced) against qemu-img's default.
+  ``nbdqcow relayout -t unsafe`` (nothing synced) against qemu-img's default;
+* ``layout 8G fragmented``: ``nbdqcow layout -o x.png`` of a fragmented image
+  (``--layout-size``, 8 GiB: every 64 KiB cluster written once in random order, so
+  none is in place), time only: qemu has no counterpart ('-' in the table).
 
 Times are wall-clock seconds (lower is better); the ratio is nbdqcow / qemu, per
 repetition, median (below 1.00x nbdqcow is faster).  For fio workloads the figure is
@@ -229,6 +232,16 @@ def interleave(name: str, measure: Measure, repeat: int, higher_better: bool) ->
     return row
 
 
+def solo(name: str, measure: Callable[[], float], repeat: int) -> dict[str, object]:
+    """A workload qemu has no counterpart for: nbdqcow's time only."""
+    got = [measure() for _ in range(repeat)]
+    row = {"workload": name, "unit": "s", "nbdqcow": statistics.median(got), "qemu": None,
+           "ratio": None, "low": None, "high": None, "runs": {"nbdqcow": got}}
+    print(f"{name:28} nbdqcow {row['nbdqcow']:9.3f} (range {min(got):.3f}-{max(got):.3f})",
+          flush=True)
+    return row
+
+
 def markdown(rows: list[dict[str, object]], load0: str, load1: str, repeat: int) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     m = machine_description()
@@ -253,6 +266,9 @@ def markdown(rows: list[dict[str, object]], load0: str, load1: str, repeat: int)
         cpu = r.get("cpu_us")
         cpu_text = (f"{cpu['nbdqcow']:.1f} / {cpu['qemu']:.1f}"
                     if isinstance(cpu, dict) and len(cpu) == 2 else "")
+        if r["qemu"] is None:
+            lines.append(f"| {r['workload']} | {r['nbdqcow']:.3f} | - | {r['unit']} | - | |")
+            continue
         lines.append(f"| {r['workload']} | {r['nbdqcow']:.3f} | {r['qemu']:.3f} | {r['unit']} | "
                      f"{r['ratio']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) | {cpu_text} |")
     lines += ["", END]
@@ -268,7 +284,8 @@ def write_section(path: Path, section: str) -> None:
 
 
 WORKLOADS = ("map nbd", "map offline", "check", "start-up", "cold 4k randread QD16",
-             "cold 1M seq read QD4", "relayout", "relayout flushed", "relayout unsafe")
+             "cold 1M seq read QD4", "relayout", "relayout flushed", "relayout unsafe",
+             "layout 8G fragmented")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1,
                     help="unmeasured runs per server before each cold workload (1)")
     ap.add_argument("--relayout-size", default="2G", help="fragmented image (2G)")
+    ap.add_argument("--layout-size", default="8G", help="fragmented image for layout (8G)")
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per 4k fio run")
     ap.add_argument("--workdir", help="keep images here (default: a temporary directory)")
     ap.add_argument("--results", default=str(REPO / "bench" / "out" / "RESULTS-speed.md"),
@@ -292,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     mult = {"G": GiB, "M": MiB}
     cold_size = int(a.cold_size[:-1]) * mult[a.cold_size[-1]]
     rel_size = int(a.relayout_size[:-1]) * mult[a.relayout_size[-1]]
+    layout_size = int(a.layout_size[:-1]) * mult[a.layout_size[-1]]
     rows: list[dict[str, object]] = []
     load0 = load_average()
     try:
@@ -357,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
             if "relayout unsafe" in todo:
                 rows.append(interleave(f"relayout unsafe ({a.relayout_size})", lambda w: (
                     unsafe() if w == "nbdqcow" else relayout(w)), a.repeat, False))
+        if "layout 8G fragmented" in todo:
+            lframe = work / f"frag{a.layout_size}.qcow2"
+            if not lframe.exists():
+                print(f"bench: writing the {a.layout_size} fragmented image ...", flush=True)
+                fragmented_image(lframe, layout_size)
+            png = work / "layout.png"
+            rows.append(solo(f"layout {a.layout_size} fragmented", lambda: timed(
+                nbdqcow("layout", "-o", str(png), str(lframe))), a.repeat))
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

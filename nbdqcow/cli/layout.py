@@ -16,8 +16,10 @@ second, a progress bar on a terminal (or with -p).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,14 +75,38 @@ if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker o
     Arr = npt.NDArray[Any]
 
 
+def _started() -> float:
+    """When this process started, on the time.monotonic() scale (Linux /proc); now
+    where that cannot be read."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - min(max(0.0, age), 60.0)
+
+
 class Bar:
-    """A progress bar on stderr that appears only once the work has taken a second."""
+    """A progress bar on stderr that appears once the command has taken a second
+    (counted from the start of the process: imports are part of the wait)."""
 
     def __init__(self, enabled: bool, after: float = 1.0) -> None:
         self.enabled = enabled
-        self.start = time.monotonic()
+        self.start = _started() if enabled else time.monotonic()
         self.after = after
         self.shown = -1
+
+    def phase(self, lo: int, hi: int) -> Callable[[int, int], None]:
+        """A callback (done, total) that moves the bar from ``lo`` to ``hi`` percent."""
+        return lambda done, total: self(lo * 100 + (hi - lo) * 100 * done // max(1, total),
+                                        10000)
+
+    def at(self, pct: int) -> None:
+        self(pct, 100)
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or time.monotonic() - self.start < self.after:
@@ -111,10 +137,13 @@ def displacement_colors(disp: Arr, span: int) -> Arr:
 
 def build_scene(path: str, d: Qcow2Driver, bar: Bar | None = None
                 ) -> tuple[list[Shape], MappingSummary]:
-    runs = guest_runs(d, bar)
+    bar = bar if bar is not None else Bar(False)
+    runs = guest_runs(d, bar.phase(0, 60))
     cs = d.geo.cluster_size
     summary = summarize(runs, cs, d.header.has_data_file)
+    bar.at(68)
     kinds = host_kinds(d, runs)
+    bar.at(75)
     file_size = d.file.size()
     out: list[Shape] = [
         Text(X0, 30, f"{path}: {format_size(d.size)} guest, {format_size(file_size)} file, "
@@ -130,6 +159,7 @@ def build_scene(path: str, d: Qcow2Driver, bar: Bar | None = None
         legend_y = _pixels(out, d, runs, kinds, summary, file_size)
         extra = [("in place", IN_PLACE), ("host later", "#c81e1e"),
                  ("host earlier", "#6e28aa"), ("small shift", "#fac83c")]
+    bar.at(90)
     present = {r.kind for r in runs} | set(kinds)
     shown = [k for k in Kind if k in present]
     items = [(KIND_LABEL[k], COLORS[k], True) for k in shown]
@@ -286,17 +316,22 @@ def run_layout(args: argparse.Namespace) -> int:
     bar = Bar(args.progress or (args.progress is None and sys.stderr.isatty()))
     d = Qcow2Driver.open(path, writable=False, access=read_access(args), backing=no_backing)
     try:
-        scene, summary = build_scene(path, d, bar)
+        try:
+            scene, summary = build_scene(path, d, bar)
+        finally:
+            d.close()
+        out: str = args.output
+        if out.lower().endswith(".png"):
+            picture = to_png(scene)
+            bar.at(98)
+            with open(out, "wb") as f:
+                f.write(picture)
+        else:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(to_svg(scene))
+        bar.at(100)
     finally:
-        d.close()
         bar.close()
-    out: str = args.output
-    if out.lower().endswith(".png"):
-        with open(out, "wb") as f:
-            f.write(to_png(scene))
-    else:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(to_svg(scene))
     if not args.quiet:
         sys.stdout.write(f"{summary.verdict}\n")
     return 0
