@@ -60,12 +60,16 @@ class GuestRun(NamedTuple):
     host: int | None  # host byte offset of ``start`` for mapped kinds
 
 
+#: guest bytes walked between two progress reports
+GUEST_RUNS_STEP = 1 << 30
+
+
 def guest_runs(d: Qcow2Driver,
                progress: Callable[[int, int], None] | None = None) -> list[GuestRun]:
     """Guest runs of one kind (mapped runs also contiguous on the host).  ``progress``
     is told (bytes done, bytes in all) as the walk goes."""
     out: list[GuestRun] = []
-    step = 1 << 30
+    step = GUEST_RUNS_STEP
     for pos in range(0, d.size, step):
         if progress is not None:
             progress(pos, d.size)
@@ -76,17 +80,30 @@ def guest_runs(d: Qcow2Driver,
 
 
 def _guest_runs_into(out: list[GuestRun], d: Qcow2Driver, offset: int, length: int) -> None:
+    """Append the runs of [offset, offset + length) to ``out``, merging each with the
+    previous one (the last of ``out`` too) when it continues it: same kind (never
+    compressed), guest adjacent, host adjacent or both without a host.  The run being
+    grown is kept in locals (one tuple per run made, not one per piece)."""
+    kinds, mapped, comp = _SC_KIND, _MAPPED, Kind.COMPRESSED
+    pkind: Kind | None = None
+    pstart = plen = 0
+    phost: int | None = None
+    if out:
+        pstart, plen, pkind, phost = out.pop()
+    append = out.append
+    new = tuple.__new__  # GuestRun(...) without the generated __new__'s frame
     for start, n, t, host in d.runs(offset, length):
-        kind = _SC_KIND[t]
-        h = host if t in _MAPPED else None
-        if out:
-            p = out[-1]
-            if (p.kind is kind and kind is not Kind.COMPRESSED and p.start + p.length == start
-                    and (h is None) == (p.host is None)
-                    and (h is None or p.host is not None and p.host + p.length == h)):
-                out[-1] = GuestRun(p.start, p.length + n, kind, p.host)
-                continue
-        out.append(GuestRun(start, n, kind, h))
+        kind = kinds[t]
+        h = host if t in mapped else None
+        if (kind is pkind and kind is not comp and pstart + plen == start
+                and (h is None if phost is None else h == phost + plen)):
+            plen += n
+            continue
+        if pkind is not None:
+            append(new(GuestRun, (pstart, plen, pkind, phost)))
+        pstart, plen, pkind, phost = start, n, kind, h
+    if pkind is not None:
+        append(GuestRun(pstart, plen, pkind, phost))
 
 
 #: from this many runs on, :func:`summarize` uses array operations
