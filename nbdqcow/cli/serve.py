@@ -362,9 +362,11 @@ def _serve(args: argparse.Namespace, exports: list[Export], listeners: list[sock
         os.close(rfd)
         os.setsid()
         ready_fd = wfd
-    if args.pid_file:
-        with open(args.pid_file, "w") as f:
+    if args.pid_file:  # complete when it appears (scripts wait for it, then read it)
+        tmp = f"{args.pid_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             f.write(f"{os.getpid()}\n")
+        os.replace(tmp, args.pid_file)
 
     def ready() -> None:
         if args.connect:

@@ -377,3 +377,67 @@ def test_cache_on_read_only_export_changes_nothing(tmp_path: Path) -> None:
     h.cache(8 << 20, 0)  # qemu-nbd 7.2 answers EPERM here (and logs a refcount error)
     h.shutdown()
     assert _top_map(top) == before
+
+
+def _pidfile_served(which: str, pidfile: Path, *args: str) -> subprocess.Popen[bytes]:
+    """Start the server as libnbd's info/ tests do (-t --socket --pid-file, in the
+    background) and wait for the pid file only: then the server must already answer,
+    and the file must hold the whole pid."""
+    argv = ([require_tool("qemu-nbd")] if which == "qemu-nbd"
+            else [sys.executable, "-m", "nbdqcow", "serve"])
+    proc = subprocess.Popen([*argv, "-t", "--pid-file", str(pidfile), *args], env=repo_env(),
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not pidfile.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    if which == "nbdqcow":  # qemu-nbd creates the file first and writes the pid after
+        assert pidfile.read_text().strip() == str(proc.pid)
+    return proc
+
+
+def _nbdinfo(*args: str) -> str:
+    res = subprocess.run(["nbdinfo", *args], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.mark.parametrize("which", SERVERS)
+def test_info_scripts_wait_for_the_pid_file(tmp_path: Path, which: str) -> None:
+    """libnbd info/info-list-qemu.sh, info-description-qemu.sh and
+    info-map-qemu-allocation-depth.sh: a 4-deep chain served with -A."""
+    require_tool("nbdinfo")
+    img = tmp_path / "img"
+    img.write_bytes(b"")
+    os.truncate(img, 1 << 20)
+    sock = tmp_path / "a.sock"
+    proc = _pidfile_served(which, tmp_path / "a.pid", "--socket", str(sock), "-x", "hello",
+                           "-D", "world", str(img))
+    try:
+        for uri in (f"nbd+unix://?socket={sock}", f"nbd+unix:///hello?socket={sock}"):
+            out = _nbdinfo(uri, "--list")
+            assert 'export="hello":' in out and "description: world" in out
+            assert "export-size: 1048576" in out
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    files = [tmp_path / f"f{i}.qcow2" for i in range(1, 5)]
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(files[0]), "8M")
+    qemu("qemu-io", "-f", "qcow2", "-c", "w 0 4M", str(files[0]))
+    layers = (["w 2M 4M"], ["w 1M 2M", "w 5M 2M"], ["w 1M 1M", "w 5M 1M"])
+    for below, above, writes in zip(files[:-1], files[1:], layers, strict=True):
+        qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(below), "-F", "qcow2",
+             str(above))
+        qemu("qemu-io", "-f", "qcow2", *[a for w in writes for a in ("-c", w)], str(above))
+    sock = tmp_path / "b.sock"
+    proc = _pidfile_served(which, tmp_path / "b.pid", "--socket", str(sock), "-f", "qcow2",
+                           "-A", str(files[3]))
+    try:
+        out = _nbdinfo("--map=qemu:allocation-depth", f"nbd+unix://?socket={sock}")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    rows = [tuple(int(x) for x in line.split()[:3]) for line in out.splitlines()]
+    M = 1 << 20
+    assert rows == [(0, M, 4), (M, M, 1), (2 * M, M, 2), (3 * M, 2 * M, 3), (5 * M, M, 1),
+                    (6 * M, M, 2), (7 * M, M, 0)], out
