@@ -17,6 +17,7 @@ is free to choose anyway: no crash state is new.
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,9 @@ class _Thread:
         self.jobs.put((kick, start, length))
 
     def _work(self) -> None:
+        # a server's SIGTERM/SIGINT belong to its event loop's thread (which holds them
+        # off while it ends): with the default action one taken here kills the process
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         while True:
             kick, start, length = self.jobs.get()
             try:

@@ -42,13 +42,16 @@ def test_helper_threads_never_take_sigterm(nbdqcow_server: ServerFactory, tmp_pa
     thread with the default action would kill the process (a one-shot server SIGTERMed as
     its client left exited -15 about once in a hundred runs under load)."""
     require_tool("qemu-img")
-    image = tmp_path / "img.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
-    served = nbdqcow_server(image, "-f", "qcow2", "-t")
+    image = tmp_path / "img.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"], check=True)
+    served = nbdqcow_server(image, "-f", "raw", "-t")
     with SyncClient(served.uri) as c:  # large writes, flushes: the writer and worker threads
         for i in range(4):
             c.pwrite(bytes([i + 1]) * (1 << 20), i << 20)
             c.flush()
+        for i in range(40):  # a 32 MiB stretch written whole: the write-behind thread
+            c.pwrite(bytes([i + 1]) * (1 << 20), i << 20)
+        c.flush()
     pid = served.proc.pid
     tids = [t for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
     assert tids, "the server started no helper thread"
