@@ -63,6 +63,11 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
     return data
 
 
+#: set by commands that inspect metadata only (map, check, info): files they open read-only
+#: get no readahead
+METADATA_ONLY = False
+
+
 class HostFile:
     """One open host file.  Reads past the end of the file return zeros.
 
@@ -93,6 +98,11 @@ class HostFile:
                 os.close(self.fd)
                 self.fd = -1
                 raise
+        if METADATA_ONLY and not writable:
+            # no readahead: an inspection reads tables only, and readahead (8 MiB on
+            # some disks) would pull data pages in; SEEK_DATA counts cached pages of an
+            # unwritten extent as data, so the map would depend on what was read before
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._size_lock = threading.Lock()
         self._kernel_copy = hasattr(os, "copy_file_range")
         #: False: :meth:`sync` does nothing (qemu's cache=unsafe, asked for by the user)
@@ -299,6 +309,8 @@ def read_head(path: str, length: int) -> tuple[bytes, int]:
     no locks (a probe, as qemu's)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
+        if METADATA_ONLY:  # its readahead would mark pages that start more of it later
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return os.pread(fd, length, 0), os.fstat(fd).st_size
     finally:
         os.close(fd)

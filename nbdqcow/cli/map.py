@@ -117,6 +117,9 @@ def _hex(v: int) -> str:
 
 
 def run_map(args: argparse.Namespace) -> int:
+    from nbdqcow.block import hostfile
+
+    hostfile.METADATA_ONLY = True  # what map shows must not depend on its own reads
     check_format(args)
     drv = open_image(args.file, args.format, writable=False,
                      image_opts=getattr(args, "image_opts", False), access=read_access(args))

@@ -88,7 +88,24 @@ def convert_to_raw(path: Path, out: Path, snapshot: str | None = None) -> bytes:
     return data
 
 
+def settle(folder: Path) -> None:
+    """Write back and drop the page cache of every file in ``folder``.  SEEK_DATA counts
+    cached pages of an unwritten (fallocated) extent as data: a map taken before and one
+    taken after the kernel evicts such pages (memory pressure, another test reading the
+    file) would differ with no change to the image.  Call it before each map compared."""
+    for f in folder.iterdir():
+        if not f.is_file():
+            continue
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def qemu_map_json(path: Path) -> list[dict[str, object]]:
+    settle(path.parent)
     proc = qemu_img("map", "--output=json", str(path))
     result = json.loads(proc.stdout)
     assert isinstance(result, list)
