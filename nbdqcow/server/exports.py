@@ -90,9 +90,10 @@ class Export:
         f = TransmissionFlag
         flags = f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_FUA | f.SEND_DF | f.SEND_CACHE
         if self.writable:
-            flags |= f.SEND_WRITE_ZEROES | f.SEND_FAST_ZERO
-            if self.can_trim:
-                flags |= f.SEND_TRIM
+            # TRIM is advertised on every writable export, as qemu-nbd does: where it
+            # does nothing (--discard=ignore) it is answered without effect, which the
+            # spec allows (a client assumes nothing of trimmed data)
+            flags |= f.SEND_WRITE_ZEROES | f.SEND_FAST_ZERO | f.SEND_TRIM
         else:
             flags |= f.READ_ONLY
         if self.multi_conn:

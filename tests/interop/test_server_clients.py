@@ -128,7 +128,7 @@ def test_nbdinfo_json(tmp_path: Path, fmt: str, nbdqcow_server: ServerFactory) -
     assert ex["is_read_only"] is False
     assert ex["can_flush"] and ex["can_fua"] and ex["can_zero"] and ex["can_df"]
     assert ex["can_cache"] and ex["can_fast_zero"]
-    assert ex["can_trim"] is False  # --discard=ignore (the default): TRIM not advertised
+    assert ex["can_trim"] is True  # advertised as by qemu-nbd (--discard=ignore: no effect)
     assert ex["can_multi_conn"] is False  # -e 1
     assert (ex["block_size_minimum"], ex["block_size_preferred"],
             ex["block_size_maximum"]) == (1, 4096, 32 * MiB)
@@ -259,7 +259,9 @@ def test_error_cases(tmp_path: Path, fmt: str, nbdqcow_server: ServerFactory) ->
         assert code(h.pwrite, b"x", 0, nbd.CMD_FLAG_REQ_ONE) == errno.EINVAL
         assert code(h.pwrite, b"x", 0, 0x4000) == errno.EINVAL  # unknown flag
         assert code(h.block_status, 512, SIZE - 256, lambda *a: 0) == errno.EINVAL
-        assert code(h.trim, 512, 0) == errno.EINVAL  # TRIM not advertised (--discard=ignore)
+        h.trim(512, 0)  # --discard=ignore (the default): answered, nothing changes
+        assert h.pread(512, 0) == b"\xaa" * 512
+        assert code(h.trim, 512, SIZE - 256) == errno.ENOSPC  # past the end, as a write
         # the connection is still fine after all of this
         assert h.pread(4, 0) == b"\xaa" * 4
     finally:
