@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nbdqcow.qcow2 import l2masks as M
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.entries import HAS_HOST, SC, bitmap_valid, sc_type, std_type
 from nbdqcow.qcow2.geometry import Geometry
@@ -33,12 +34,6 @@ if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker o
     U64 = npt.NDArray[np.uint64]
     Pieces = tuple[U64, U64, npt.NDArray[np.int8], U64]  # pos, length, state, host value
 
-_OFF = np.uint64(L.L2E_OFFSET_MASK)
-_COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)
-_COPIED = np.uint64(L.QCOW_OFLAG_COPIED)
-_ZERO = np.uint64(L.QCOW_OFLAG_ZERO)
-_LOW32 = np.uint64(0xFFFFFFFF)
-_S32 = np.uint64(32)
 _STATES = tuple(SC)
 
 
@@ -63,9 +58,9 @@ def words_of(table: array[int] | bytes | U64) -> U64:
 
 def allocated_mask(e: U64, has_data_file: bool) -> npt.NDArray[np.bool_]:
     """Entries that own a host cluster (offset, or COPIED with an external data file)."""
-    alloc: npt.NDArray[np.bool_] = (e & _OFF) != 0
+    alloc: npt.NDArray[np.bool_] = (e & M.OFF) != 0
     if has_data_file:
-        alloc |= (e & _COPIED) != 0
+        alloc |= (e & M.COPIED) != 0
     return alloc
 
 
@@ -209,10 +204,10 @@ def _scan_few(e: U64, bm: U64 | None, idx: list[int], geo: Geometry,
 def _std_pieces(e: U64, idx: npt.NDArray[np.intp], cs: int,
                 has_data_file: bool) -> tuple[Pieces, npt.NDArray[np.bool_]]:
     """One piece per standard entry; and which entries have an unaligned host offset."""
-    host = e & _OFF
-    comp = (e & _COMP) != 0
+    host = e & M.OFF
+    comp = (e & M.COMP) != 0
     alloc = allocated_mask(e, has_data_file)
-    zero = (e & _ZERO) != 0
+    zero = (e & M.ZERO) != 0
     state = np.where(zero, np.where(alloc, int(SC.ZERO_ALLOC), int(SC.ZERO_PLAIN)),
                      np.where(alloc, int(SC.NORMAL), int(SC.UNALLOCATED_PLAIN)))
     state = np.where(comp, int(SC.COMPRESSED), state).astype(np.int8)
@@ -230,14 +225,14 @@ def _ext_pieces(e: U64, bm: U64, idx: npt.NDArray[np.intp], geo: Geometry,
     broken (see :func:`_ext_invalid`)."""
     cs = geo.cluster_size
     scs = geo.subcluster_size
-    host = e & _OFF
-    comp = (e & _COMP) != 0
+    host = e & M.OFF
+    comp = (e & M.COMP) != 0
     alloc = allocated_mask(e, has_data_file)
-    abits = bm & _LOW32
-    zbits = bm >> _S32
+    abits = bm & M.LOW32
+    zbits = bm >> M.S32
     none = (abits == 0) & (zbits == 0)
-    all_data = (abits == _LOW32) & (zbits == 0)
-    all_zero = (abits == 0) & (zbits == _LOW32)
+    all_data = (abits == M.LOW32) & (zbits == 0)
+    all_zero = (abits == 0) & (zbits == M.LOW32)
     mixed = ~comp & ~(none | all_data | all_zero)
     cstate = np.where(none, np.where(alloc, int(SC.UNALLOCATED_ALLOC), int(SC.UNALLOCATED_PLAIN)),
                       np.where(all_zero, np.where(alloc, int(SC.ZERO_ALLOC), int(SC.ZERO_PLAIN)),

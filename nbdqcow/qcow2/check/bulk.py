@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nbdqcow.qcow2 import l2masks as M
 from nbdqcow.qcow2 import layout as L
 from nbdqcow.qcow2.check.stored import Stored
 from nbdqcow.qcow2.geometry import Geometry
@@ -26,11 +27,6 @@ if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker o
     U64 = npt.NDArray[np.uint64]
     from nbdqcow.qcow2.mapping_summary import MappingSummary
 
-_COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)
-_COPIED = np.uint64(L.QCOW_OFLAG_COPIED)
-_OFF = np.uint64(L.L2E_OFFSET_MASK)
-_RESERVED = np.uint64(L.L2E_STD_RESERVED_MASK)
-_LOW32 = np.uint64(0xFFFFFFFF)
 
 
 def load_words(raw: bytes) -> U64:
@@ -76,7 +72,7 @@ def allocated_entries(words: array[int] | U64, geo: Geometry, has_data_file: boo
     ZERO_ALLOC), compressed ones left out."""
     e, _, idx = entries(words, geo)
     e = e[idx]
-    e = e[(e & _COMP) == 0]
+    e = e[(e & M.COMP) == 0]
     out: U64 = e[allocated_mask(e, has_data_file)]
     return out
 
@@ -89,10 +85,10 @@ def copied_mismatch(e: U64, geo: Geometry, stored: npt.NDArray[np.uint64],
     the stored table)."""
     if not len(e):
         return False
-    copied = (e & _COPIED) != 0
+    copied = (e & M.COPIED) != 0
     if has_data_file:
         return bool((~copied).any())
-    clusters = ((e & _OFF) >> np.uint64(geo.cluster_bits)).astype(np.intp)
+    clusters = ((e & M.OFF) >> np.uint64(geo.cluster_bits)).astype(np.intp)
     if int(clusters.max()) >= len(stored):
         return None
     return bool(((stored[clusters] == 1) != copied).any())

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nbdqcow.block.hostfile import HostFile
-from nbdqcow.qcow2 import layout as L
+from nbdqcow.qcow2 import l2masks as M
 from nbdqcow.qcow2.geometry import Geometry
 
 if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker only
@@ -28,12 +28,6 @@ if TYPE_CHECKING:  # numpy.typing costs an import ~10 ms: for the type checker o
     U64 = npt.NDArray[np.uint64]
     Ints = npt.NDArray[np.intp]
 
-_COMP = np.uint64(L.QCOW_OFLAG_COMPRESSED)
-_COPIED = np.uint64(L.QCOW_OFLAG_COPIED)
-_OFF = np.uint64(L.L2E_OFFSET_MASK)
-_RESERVED = np.uint64(L.L2E_STD_RESERVED_MASK)
-_LOW32 = np.uint64(0xFFFFFFFF)
-_S32 = np.uint64(32)
 
 #: bytes of L2 tables read before they are scanned (they stay in the CPU's cache)
 CHUNK_BYTES = 2 << 20
@@ -119,17 +113,17 @@ def _classify(parts: list[tuple[Ints, Ints, U64, U64, U64 | None]], n: int, geo:
         pos = index = np.zeros(0, dtype=np.intp)
         e = np.zeros(0, dtype=np.uint64)
         bm = None
-    host = e & _OFF
+    host = e & M.OFF
     alloc = host != 0
     if has_data_file:
-        alloc |= (e & _COPIED) != 0
-    bad = (e & (_COMP | _RESERVED)) != 0
+        alloc |= (e & M.COPIED) != 0
+    bad = (e & (M.COMP | M.RESERVED)) != 0
     bad |= alloc & ((host & np.uint64(geo.cluster_size - 1)) != 0)
     if not has_data_file:
         bad |= alloc & (host >= np.uint64(file_size))
     if bm is not None:
-        abits = bm & _LOW32
-        bad |= ((abits & (bm >> _S32)) != 0) | ((abits != 0) & ~alloc)
+        abits = bm & M.LOW32
+        bad |= ((abits & (bm >> M.S32)) != 0) | ((abits != 0) & ~alloc)
     regular = np.ones(n, dtype=np.bool_)
     regular[pos[bad]] = False
     keep = alloc & regular[pos]
@@ -145,7 +139,7 @@ def _copied_ok(e: U64, host: U64, pos: Ints, n: int, geo: Geometry, has_data_fil
                stored: U64 | None) -> npt.NDArray[np.bool_]:
     """Per position: every allocated entry's COPIED flag says what its stored refcount
     says (refcount 1 exactly when COPIED); False where that is not known."""
-    copied = (e & _COPIED) != 0
+    copied = (e & M.COPIED) != 0
     if has_data_file:
         wrong = ~copied
     elif stored is None:
