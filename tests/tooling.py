@@ -89,12 +89,23 @@ def unix_listening(path: Path) -> bool:
     return False
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], sock: Path | None, port: int | None,
-                log: Path, timeout: float = 30) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], sock: Path | None, port: int | None,
+               log: Path | None = None, timeout: float = 30) -> None:
+    """Wait until the server ``proc`` listens on unix socket ``sock`` or TCP ``port``;
+    fail the test if it exits first or takes longer than ``timeout``.  Its output is
+    read from ``log``, else from its stderr when that is a pipe."""
+
+    def output() -> str:
+        if log is not None:
+            return log.read_text()[-2000:]
+        if proc.stderr is not None and proc.poll() is not None:
+            return proc.stderr.read().decode(errors="replace")[-2000:]
+        return ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"server exited early ({proc.returncode}): {log.read_text()[-2000:]}")
+            pytest.fail(f"server exited early ({proc.returncode}): {output()}")
         if sock is not None and unix_listening(sock):
             return
         if port is not None:
@@ -104,7 +115,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], sock: Path | None, port: int | No
             except OSError:
                 pass
         time.sleep(0.02)
-    pytest.fail(f"server not ready after {timeout}s: {log.read_text()[-2000:]}")
+    pytest.fail(f"server not ready after {timeout}s: {output()}")
 
 
 ServerFactory = Callable[..., Served]
@@ -138,7 +149,7 @@ def _factory(tmp_path: Path, base_cmd: Callable[[], list[str]], prefix: str
         served = Served(proc, uri, sock, port, log, name)
         started.append(served)
         if wait:
-            _wait_ready(proc, sock, port, log)
+            wait_ready(proc, sock, port, log)
         return served
 
     try:

@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -94,14 +95,28 @@ def settle(folder: Path) -> None:
     taken after the kernel evicts such pages (memory pressure, another test reading the
     file) would differ with no change to the image.  Call it before each map compared."""
     for f in folder.iterdir():
-        if not f.is_file():
-            continue
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        if f.is_file():
+            evict(f)
+
+
+def evict(path: Path) -> None:
+    """Write back the file's dirty pages, then drop all its pages from the page cache
+    (its next reads go to the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def check_clean(img: Path) -> dict[str, Any]:
+    """``qemu-img check --output=json``: exit 0, no leaks, no corruptions; its figures."""
+    res = subprocess.run(["qemu-img", "check", "--output=json", str(img)], capture_output=True,
+                         text=True, timeout=60)
+    data: dict[str, Any] = json.loads(res.stdout)
+    assert res.returncode == 0 and not data.get("leaks") and not data.get("corruptions"), data
+    return data
 
 
 def qemu_map_json(path: Path) -> list[dict[str, object]]:

@@ -32,7 +32,7 @@ _TESTS = Path(__file__).resolve().parents[1]
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
-from tooling import Served, _wait_ready, repo_env, require_tool  # noqa: E402
+from tooling import Served, repo_env, require_tool, wait_ready  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -222,7 +222,7 @@ def serving(image: Path, *args: str, server: str = "nbdqcow",
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=repo_env())
     served = Served(proc, f"nbd+unix:///?socket={sock}", sock, None, log)
     try:
-        _wait_ready(proc, sock, None, log)
+        wait_ready(proc, sock, None, log)
         _wait_accepting(sock, proc, log)
         yield served
     finally:

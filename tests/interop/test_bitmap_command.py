@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tooling import repo_env, require_tool
+from tooling import repo_env, require_tool, wait_ready
 
 MiB = 1 << 20
 
@@ -72,15 +70,7 @@ def dirty_map(img: Path, name: str, tmp: Path) -> list[dict[str, Any]]:
     proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", str(sock), "-B", name, str(img)],
                             stderr=subprocess.PIPE)
     try:
-        for _ in range(1000):
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode() if proc.stderr else "qemu-nbd failed")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(sock))
-                break
-            except OSError:
-                time.sleep(0.01)
+        wait_ready(proc, sock, None)
         out: list[dict[str, Any]] = json.loads(ok(
             "nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", f"nbd+unix:///?socket={sock}"))
         return out

@@ -10,9 +10,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from imagegen import check_clean
 from tooling import ServerFactory, repo_env, require_tool
 
 MiB = 1 << 20
@@ -29,14 +29,6 @@ def compressible(path: Path, size: int) -> None:
     lines = b"".join(b"%08d a line of a log file that compresses well, mostly\n" % i
                      for i in range(size // 56 + 1))
     path.write_bytes(lines[:size])
-
-
-def check(img: Path) -> dict[str, Any]:
-    res = subprocess.run(["qemu-img", "check", "--output=json", str(img)], capture_output=True,
-                         text=True, timeout=60)
-    data: dict[str, Any] = json.loads(res.stdout)
-    assert res.returncode == 0 and not data.get("leaks") and not data.get("corruptions"), data
-    return data
 
 
 def spec(img: Path) -> str:
@@ -63,7 +55,7 @@ def test_nbdcopy_into_compress_export_like_qemu_nbd(
         assert srv.stop() == 0 or name == "ref"
         results.append(img)
     ours, ref = results
-    assert check(ours)["compressed-clusters"] == check(ref)["compressed-clusters"] == 128
+    assert check_clean(ours)["compressed-clusters"] == check_clean(ref)["compressed-clusters"] == 128
     run("qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(src), str(ours))
     size = ours.stat().st_size
     assert size < src.stat().st_size // 4
@@ -87,7 +79,7 @@ def test_json_spec_and_refusals(tmp_path: Path, nbdqcow_server: ServerFactory) -
         h.pwrite(b"x" * 512, 0)  # the cluster holds compressed data already
     h.shutdown()
     srv.stop()
-    assert check(img)["compressed-clusters"] == 2
+    assert check_clean(img)["compressed-clusters"] == 2
     raw = tmp_path / "r.raw"
     raw.write_bytes(bytes(MiB))
     for opts, words in (

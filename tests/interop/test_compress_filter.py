@@ -11,9 +11,9 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from imagegen import check_clean
 from tooling import require_tool
 
 from nbdqcow.block.compress import CompressFilter
@@ -37,14 +37,6 @@ def text(n: int, seed: int = 0) -> bytes:
     """Compressible bytes (lines of text)."""
     line = b"".join(b"line %08d of a compressible file, seed %d\n" % (i, seed) for i in range(4096))
     return (line * (n // len(line) + 1))[:n]
-
-
-def check(img: Path) -> dict[str, Any]:
-    res = subprocess.run(["qemu-img", "check", "--output=json", str(img)], capture_output=True,
-                         text=True, timeout=60)
-    data: dict[str, Any] = json.loads(res.stdout)
-    assert res.returncode == 0 and not data.get("leaks") and not data.get("corruptions"), data
-    return data
 
 
 #: (offset, data) written through the filter, in order; None: incompressible
@@ -75,7 +67,7 @@ def test_compressed_clusters_checked_and_compared_by_qemu(tmp_path: Path, ctype:
     assert f.pread(0, len(model)) == bytes(model)
     f.close()
     raw.write_bytes(bytes(model))
-    stats = check(img)["compressed-clusters"]
+    stats = check_clean(img)["compressed-clusters"]
     assert stats == 16 + 1 + 2 + 1  # every written cluster but the incompressible one
     run("qemu-img", "compare", "-q", str(img), str(raw))
     assert os.path.getsize(img) < 1.5 * MiB  # 4.1 MiB of data
@@ -102,7 +94,7 @@ def test_refusals(tmp_path: Path) -> None:
     f.pwrite(text(CS, 5), 0)
     assert f.pread(0, CS) == text(CS, 5)
     f.close()
-    check(img)
+    check_clean(img)
     # raw below, an odd size when writable, an external data file
     with pytest.raises(ImageOpenError, match="not supported for underlying format: raw"):
         CompressFilter(RawDriver(str(img), writable=False), "raw")
@@ -115,7 +107,7 @@ def test_refusals(tmp_path: Path) -> None:
     d.write_compressed(text(1000 * KiB - 15 * CS), 15 * CS)
     assert d.pread(15 * CS, 1000 * KiB - 15 * CS) == text(1000 * KiB - 15 * CS)
     d.close()
-    assert check(odd)["compressed-clusters"] == 1
+    assert check_clean(odd)["compressed-clusters"] == 1
     ro = Qcow2Driver.open(str(odd), writable=False)
     assert CompressFilter(ro, "qcow2").caps.request_alignment == 1
     ro.close()
@@ -176,7 +168,7 @@ def test_same_map_as_qemu_nbd_compress_filter(tmp_path: Path) -> None:
                 for e in json.loads(run("qemu-img", "map", "--output=json", str(img)))]
 
     assert shape(ours) == shape(ref)
-    assert check(ours)["compressed-clusters"] == check(ref)["compressed-clusters"]
+    assert check_clean(ours)["compressed-clusters"] == check_clean(ref)["compressed-clusters"]
     run("qemu-img", "compare", "-q", str(ours), str(ref))
 
 

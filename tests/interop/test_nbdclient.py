@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from nbdqcow.nbd.constants import (
     TransmissionFlag,
 )
 from nbdqcow.nbdclient import Client, SyncClient, connect, list_exports, list_meta_contexts
-from tests.tooling import require_tool
+from tests.tooling import require_tool, wait_ready
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -93,27 +92,6 @@ class Server:
                 self.proc.wait()
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], sock: Path | None, port: int | None) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"server exited with {proc.returncode}: {err}")
-        try:
-            if sock is not None:
-                if sock.exists():
-                    with socket.socket(socket.AF_UNIX) as s:
-                        s.connect(str(sock))
-                    return
-            else:
-                with socket.create_connection(("127.0.0.1", port or 0), timeout=1):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.02)
-    raise RuntimeError("server did not start listening")
-
-
 ServerFactory = Callable[..., Server]
 
 
@@ -144,7 +122,7 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
             f"nbd://127.0.0.1:{port}/{export}" if tcp else f"nbd+unix:///{export}?socket={sock}",
         )
         started.append(server)
-        _wait_ready(proc, None if tcp else sock, port)
+        wait_ready(proc, None if tcp else sock, port)
         return server
 
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from imagegen import evict
 from tooling import ServerFactory, require_tool
 
 from nbdqcow.block.uring import open_ring
@@ -29,15 +30,6 @@ def make(tmp_path: Path) -> tuple[Path, bytes]:
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-S", "0",
                     str(raw), str(img)], check=True)
     return img, bytes(data)
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def io_urings(pid: int) -> int:
