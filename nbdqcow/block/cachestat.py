@@ -7,8 +7,9 @@ loop; it must not wait for a disk there, so it asks first.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+
+from nbdqcow.block.libc import libc
 
 _SYS_CACHESTAT = 451  # the same number on every architecture (asm-generic table)
 _PAGE = 4096
@@ -28,8 +29,7 @@ class _Stat(ctypes.Structure):
     ]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_syscall = _libc.syscall
+_syscall = libc()["syscall"]
 _syscall.restype = ctypes.c_long
 _available = True
 

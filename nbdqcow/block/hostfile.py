@@ -29,13 +29,17 @@ def _libc() -> tuple[Any, Any]:
     """libc's (fallocate, sync_file_range or None) through ctypes, loaded on first use
     (ctypes.util.find_library runs ldconfig: every command would pay it at start-up)."""
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fallocate = libc.fallocate
+    from nbdqcow.block.libc import libc as load_libc
+
+    libc = load_libc()
+    fallocate = libc["fallocate"]
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fallocate.restype = ctypes.c_int
-    sync_file_range = getattr(libc, "sync_file_range", None)
+    try:
+        sync_file_range = libc["sync_file_range"]
+    except AttributeError:
+        sync_file_range = None
     if sync_file_range is not None:
         sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         sync_file_range.restype = ctypes.c_int

@@ -22,7 +22,6 @@ waits for every read still in flight before it unmaps the ring.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -30,6 +29,8 @@ import platform
 import struct
 from collections.abc import Callable
 from typing import Any
+
+from nbdqcow.block.libc import libc
 
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427  # the same on every architecture
 _REGISTER_EVENTFD, _REGISTER_IOWQ_MAX_WORKERS = 4, 19
@@ -52,12 +53,11 @@ _U32 = struct.Struct("<I")
 # 8 u32 and a u64)
 _PARAMS = struct.Struct("<10I" + "8IQ" + "8IQ")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_syscall = _libc["syscall"]  # a function object of our own (others may type theirs)
+_syscall = libc()["syscall"]  # a function object of our own (others may type theirs)
 _syscall.restype = ctypes.c_long
 #: io_uring_enter(fd, to_submit, min_complete, flags, sig, sigsz): typed once, so that a
 #: call converts plain ints quickly (glibc's syscall() only moves registers)
-_syscall_enter = _libc["syscall"]
+_syscall_enter = libc()["syscall"]
 _syscall_enter.restype = ctypes.c_long
 _syscall_enter.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
                            ctypes.c_uint, ctypes.c_void_p, ctypes.c_size_t]

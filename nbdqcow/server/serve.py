@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import re
@@ -18,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nbdqcow.block.libc import libc
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.nbd.handshake import ExportInfo
 from nbdqcow.server.budget import DEFAULT_LIMIT, MemoryBudget
@@ -343,8 +342,7 @@ def tune_malloc() -> None:
     measured too: it costs 30-60% more CPU per 1 MiB request in page faults.)
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = libc()["mallopt"]
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return
     m_arena_max = -8
@@ -359,8 +357,7 @@ def trim_malloc() -> None:
     global _malloc_trim
     if _malloc_trim is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _malloc_trim = libc.malloc_trim
+            _malloc_trim = libc()["malloc_trim"]
         except (OSError, AttributeError):  # pragma: no cover - not glibc
             _malloc_trim = lambda _pad: 0  # noqa: E731
     _malloc_trim(0)
