@@ -17,10 +17,11 @@ is free to choose anyway: no crash state is new.
 from __future__ import annotations
 
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
+
+from nbdqcow.block.signals import block_stop_signals
 
 #: ranges handed to the disk: aligned chunks of the host file, once fully written
 CHUNK = 32 * 1024 * 1024
@@ -60,7 +61,7 @@ class _Thread:
     def _work(self) -> None:
         # a server's SIGTERM/SIGINT belong to its event loop's thread (which holds them
         # off while it ends): with the default action one taken here kills the process
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        block_stop_signals()
         while True:
             kick, start, length = self.jobs.get()
             try:

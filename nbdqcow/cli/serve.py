@@ -333,7 +333,7 @@ def _attach_in_background(dev: str, socket_path: str, name: str) -> None:
     from nbdqcow.cli.kernel_nbd import attach
 
     def work() -> None:
-        from nbdqcow.server.workers import block_stop_signals
+        from nbdqcow.block.signals import block_stop_signals
 
         block_stop_signals()
         try:

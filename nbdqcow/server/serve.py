@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nbdqcow.block.libc import libc
+from nbdqcow.block.signals import STOP_SIGNALS, block_stop_signals
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.nbd.handshake import ExportInfo
 from nbdqcow.server.budget import DEFAULT_LIMIT, MemoryBudget
 from nbdqcow.server.exports import Export
 from nbdqcow.server.protocol import NbdProtocol
 from nbdqcow.server.ringio import close_ring
-from nbdqcow.server.workers import STOP_SIGNALS, block_stop_signals
 
 if TYPE_CHECKING:  # ssl is imported only when TLS is used
     from nbdqcow.tls.authz import Authz

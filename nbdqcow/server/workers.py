@@ -11,27 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import signal
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from nbdqcow.block.signals import block_stop_signals
 
 #: threads at most (cold reads from a disk overlap up to this many; qemu-nbd's pool
 #: has 64 too); started only when a job finds no idle thread
 MAX_THREADS = 64
 
 Job = tuple[Callable[[], Any], Callable[[Any], None], asyncio.AbstractEventLoop]
-
-#: the signals that stop the server: only the event loop's thread takes them
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-
-
-def block_stop_signals() -> None:
-    """Keep SIGTERM/SIGINT away from the calling (helper) thread: the kernel then hands
-    them to the event loop's thread, which can hold them off while the server ends
-    (with the default action, one delivered to any thread kills the process)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
 
 class Workers:
     """Threads started on demand, up to ``max_threads``; daemon threads."""
